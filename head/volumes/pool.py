@@ -1,0 +1,378 @@
+"""A pool of thin volumes and copy-on-write snapshots on one block device.
+
+The pool owns the catalog (names, sizes, epochs), the segment mapping table,
+the free-segment allocator and the crash-consistent metadata store. Every
+management call (create, delete, resize, snapshot) is durable when it
+returns. Volume writes dirty metadata only when they place a new segment;
+`commit()` (a volume's flush, or a FUA write that placed one) makes data and
+mapping durable, data first. All methods are loop-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from head.volumes.allocator import SegmentAllocator
+from head.volumes.catalog import Catalog, validate_name
+from head.volumes.devices import BlockDevice
+from head.volumes.errors import IntegrityError, NotFoundError, ValidationError
+from head.volumes.layout import Geometry
+from head.volumes.mapping import SegmentTable
+from head.volumes.metastore import MetaStore
+from head.volumes.model import (CheckReport, PoolSpace, SnapshotInfo, SnapshotState, VolumeInfo,
+                                VolumeState)
+from head.volumes.records import KIND_SNAPSHOT, KIND_VOLUME, CatalogRecord
+from head.volumes.volume import SnapshotDevice, VolumeDevice, write_locked
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEGMENT = 1 << 20
+SECTOR = 512
+FIRST_EPOCH = 1
+
+
+def _validate_size(size: object) -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % SECTOR:
+        raise ValidationError("size", f"expected a positive multiple of {SECTOR}, got {size!r}")
+    return size
+
+
+class Pool:
+    """Use `await Pool.format(device)` or `await Pool.open(device)`."""
+
+    def __init__(self, device: BlockDevice, store: MetaStore, catalog: Catalog,
+                 table: SegmentTable, volumes: dict[str, VolumeState]) -> None:
+        self._dev = device
+        self._store = store
+        self._geo = store.geometry
+        self._catalog = catalog
+        self._table = table
+        self._alloc = SegmentAllocator([])
+        self._volumes = volumes
+        self._unsettled: set[int] = set()   # new segments whose mapping is not yet durable
+        self._commit_lock = asyncio.Lock()
+        self._manage_lock = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------
+    @classmethod
+    async def format(cls, device: BlockDevice, *, segment_size: int = DEFAULT_SEGMENT,
+                     max_entries: int = 1024, journal_blocks: int | None = None) -> Pool:
+        """Make an empty pool on `device` (destroys what was there).
+
+        `max_entries` bounds volumes + snapshots; `journal_blocks` defaults to
+        room for two transactions that rewrite all metadata.
+        """
+        geo = Geometry.plan(device.size, segment_size, max_entries, journal_blocks)
+        catalog = Catalog(geo.catalog_pages)
+        table = SegmentTable(geo.segment_count, geo.catalog_pages)
+        pages = [catalog.page_image(p) for p in range(geo.catalog_pages)]
+        pages += [table.page_image(geo.catalog_pages + i) for i in range(geo.table_pages)]
+        store = await MetaStore.create(device, geo, pages)
+        pool = cls(device, store, catalog, table, {})
+        pool._alloc = SegmentAllocator(table.build_index({}))
+        return pool
+
+    @classmethod
+    async def open(cls, device: BlockDevice) -> Pool:
+        """Open the pool on `device` as last committed; IntegrityError if its
+        metadata is damaged."""
+        store, pages = await MetaStore.open(device)
+        geo = store.geometry
+        catalog = Catalog(geo.catalog_pages)
+        for p in range(geo.catalog_pages):
+            catalog.load_page(p, pages[p])
+        table = SegmentTable(geo.segment_count, geo.catalog_pages)
+        for i in range(table.pages):
+            table.load_page(geo.catalog_pages + i, pages[geo.catalog_pages + i])
+        volumes = cls._volumes_from(catalog)
+        pool = cls(device, store, catalog, table, volumes)
+        epochs = {}
+        for vs in volumes.values():
+            epoch = catalog.records[vs.slot].epoch
+            snaps = [s.epoch for s in vs.snapshots.values()]
+            if any(s >= epoch for s in snaps):
+                raise IntegrityError(f"volume {vs.name} epoch: expected > {max(snaps)}, got {epoch}")
+            epochs[vs.id] = (epoch, snaps)
+        pool._alloc = SegmentAllocator(table.build_index(epochs))
+        log.info("opened pool %s: %d volumes, %d of %d segments free",
+                 store.superblock.pool_uuid, len(volumes), pool._alloc.available,
+                 geo.segment_count)
+        return pool
+
+    @staticmethod
+    def _volumes_from(catalog: Catalog) -> dict[str, VolumeState]:
+        by_id: dict[int, VolumeState] = {}
+        for slot, r in catalog.used():
+            if r.kind == KIND_VOLUME:
+                by_id[r.id] = VolumeState(slot, r.id, r.name, r.size, r.created)
+        for slot, r in catalog.used():
+            if r.kind == KIND_SNAPSHOT:
+                source = by_id.get(r.source)
+                if source is None:
+                    raise IntegrityError(f"snapshot {r.name} source: expected a volume id, "
+                                         f"got {r.source}")
+                source.snapshots[r.name] = SnapshotState(slot, r.id, r.name, r.epoch, r.size,
+                                                         r.created)
+        return {vs.name: vs for vs in by_id.values()}
+
+    async def close(self) -> None:
+        """Commit, write the metadata in place, and stop."""
+        await self.commit()
+        async with self._commit_lock:
+            await self._store.close()
+
+    # -- durability ------------------------------------------------------
+    async def commit(self) -> None:
+        """Make every write that returned before this call durable, with the
+        mapping that points at it (data is flushed before the metadata)."""
+        async with self._commit_lock:
+            images = {p: self._table.page_image(p) for p in self._table.dirty_pages}
+            images.update({p: self._catalog.page_image(p) for p in self._catalog.dirty_pages})
+            self._table.dirty_pages.clear()
+            self._catalog.dirty_pages.clear()
+            frees = self._alloc.detach_pending()
+            settled = set(self._unsettled)
+            if not images:
+                self._alloc.give_back(frees)
+                await self._dev.flush()
+                return
+            try:
+                await self._store.commit(images)
+            except BaseException:
+                self._table.dirty_pages.update(p for p in images if p >= self._geo.catalog_pages)
+                self._catalog.dirty_pages.update(p for p in images if p < self._geo.catalog_pages)
+                self._alloc.defer(frees)
+                raise
+            self._alloc.give_back(frees)
+            self._unsettled -= settled
+
+    async def _reserve(self, n: int) -> list[int]:
+        """`n` free segments; commits first if freed ones are pending.
+        OSError(ENOSPC) if there are not enough."""
+        if n > self._alloc.available and self._alloc.pending:
+            await self.commit()
+        if n > self._alloc.available:
+            log.warning("pool full: a write needs %d segments, %d free", n, self._alloc.available)
+        return self._alloc.take(n)
+
+    # -- volumes ---------------------------------------------------------
+    @property
+    def segment_size(self) -> int:
+        return self._geo.segment_size
+
+    def _volume(self, name: str) -> VolumeState:
+        vs = self._volumes.get(name)
+        if vs is None:
+            raise NotFoundError(f"no volume {name!r}")
+        return vs
+
+    def _snapshot(self, volume: str, name: str) -> tuple[VolumeState, SnapshotState]:
+        vs = self._volume(volume)
+        snap = vs.snapshots.get(name)
+        if snap is None:
+            raise NotFoundError(f"no snapshot {volume}@{name}")
+        return vs, snap
+
+    def _record(self, vs: VolumeState) -> CatalogRecord:
+        return CatalogRecord(KIND_VOLUME, vs.id, 0, vs.size,
+                             self._table.lineages[vs.id].epoch, vs.created, vs.name)
+
+    async def create_volume(self, name: str, size: int) -> VolumeInfo:
+        """A new thin volume of `size` bytes (a multiple of 512) reading as zeros."""
+        validate_name("name", name)
+        _validate_size(size)
+        async with self._manage_lock:
+            if name in self._volumes:
+                raise ValidationError("name", f"volume {name!r} already exists")
+            vs = VolumeState(0, self._catalog.next_id(), name, size, time.time())
+            self._table.add_volume(vs.id, FIRST_EPOCH)
+            try:
+                vs.slot = self._catalog.add(self._record(vs))
+            except ValidationError:
+                self._table.lineages.pop(vs.id)
+                raise
+            self._volumes[name] = vs
+            await self.commit()
+        log.info("volume %s created, %d bytes", name, size)
+        return self._info(vs)
+
+    def _info(self, vs: VolumeState) -> VolumeInfo:
+        return VolumeInfo(vs.name, vs.size, vs.created,
+                          len(self._table.lineages[vs.id].live) * self.segment_size,
+                          len(vs.snapshots))
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        return [self._info(vs) for _, vs in sorted(self._volumes.items())]
+
+    async def delete_volume(self, name: str, *, recursive: bool = False) -> None:
+        """Delete a volume; with snapshots only if `recursive` (they go too).
+        Its space is free when this returns."""
+        vs = self._volume(name)
+        if vs.snapshots and not recursive:
+            raise ValidationError("name", f"volume {name!r} has snapshots "
+                                          f"({', '.join(sorted(vs.snapshots))}); delete them first")
+        async with self._manage_lock, vs.gate.frozen():
+            for snap in vs.snapshots.values():
+                snap.deleted = True
+                self._catalog.remove(snap.slot)
+            vs.deleted = True
+            self._catalog.remove(vs.slot)
+            self._alloc.defer(self._table.drop_volume(vs.id))
+            del self._volumes[name]
+            await self.commit()
+        log.info("volume %s deleted", name)
+
+    async def resize_volume(self, name: str, size: int) -> VolumeInfo:
+        """Grow, or shrink (data beyond the new end is dropped; snapshots keep theirs)."""
+        vs = self._volume(name)
+        _validate_size(size)
+        seg = self.segment_size
+        async with self._manage_lock, vs.gate.frozen():
+            if size < vs.size:
+                if size % seg:
+                    tail = min(vs.size, -(-size // seg) * seg) - size
+                    await write_locked(self, vs, size, bytes(tail), False)
+                self._alloc.defer(self._table.truncate(vs.id, -(-size // seg)))
+            vs.size = size
+            self._catalog.put(vs.slot, self._record(vs))
+            await self.commit()
+        log.info("volume %s resized to %d bytes", name, size)
+        return self._info(vs)
+
+    def open_volume(self, name: str) -> VolumeDevice:
+        return VolumeDevice(self, self._volume(name))
+
+    # -- snapshots -------------------------------------------------------
+    async def create_snapshot(self, volume: str, name: str) -> SnapshotInfo:
+        """Freeze the volume's current contents as read-only snapshot `name`.
+
+        Waits for writes in flight; every write that returned before is in
+        the snapshot, none that starts after. Durable on return.
+        """
+        vs = self._volume(volume)
+        validate_name("name", name)
+        async with self._manage_lock:
+            if name in vs.snapshots:
+                raise ValidationError("name", f"snapshot {volume}@{name} already exists")
+            async with vs.gate.frozen():
+                lin = self._table.lineages[vs.id]
+                snap = SnapshotState(0, self._catalog.next_id(), name, lin.epoch, vs.size,
+                                     time.time())
+                snap.slot = self._catalog.add(CatalogRecord(KIND_SNAPSHOT, snap.id, vs.id,
+                                                            snap.size, snap.epoch, snap.created,
+                                                            name))
+                self._table.add_snapshot(vs.id)
+                self._catalog.put(vs.slot, self._record(vs))
+                vs.snapshots[name] = snap
+            await self.commit()
+        log.info("snapshot %s@%s created at epoch %d", volume, name, snap.epoch)
+        return self._snap_info(vs, snap)
+
+    def _snap_info(self, vs: VolumeState, snap: SnapshotState) -> SnapshotInfo:
+        exclusive = self._table.exclusive(vs.id, snap.epoch) * self.segment_size
+        return SnapshotInfo(vs.name, snap.name, snap.created, snap.size, exclusive)
+
+    def list_snapshots(self, volume: str | None = None) -> list[SnapshotInfo]:
+        """Snapshots of one volume (or all), oldest first per volume."""
+        vols = [self._volume(volume)] if volume is not None else [
+            vs for _, vs in sorted(self._volumes.items())]
+        return [self._snap_info(vs, s) for vs in vols
+                for s in sorted(vs.snapshots.values(), key=lambda s: s.epoch)]
+
+    async def delete_snapshot(self, volume: str, name: str) -> None:
+        """Delete a snapshot; the space only it held is free when this returns."""
+        vs, snap = self._snapshot(volume, name)
+        async with self._manage_lock:
+            snap.deleted = True
+            del vs.snapshots[name]
+            self._catalog.remove(snap.slot)
+            self._alloc.defer(self._table.drop_snapshot(vs.id, snap.epoch))
+            await self.commit()
+        log.info("snapshot %s@%s deleted", volume, name)
+
+    def open_snapshot(self, volume: str, name: str) -> SnapshotDevice:
+        vs, snap = self._snapshot(volume, name)
+        return SnapshotDevice(self, vs, snap)
+
+    # -- backups ---------------------------------------------------------
+    def _ranges(self, logicals: list[int], size: int) -> list[tuple[int, int]]:
+        seg = self.segment_size
+        out: list[tuple[int, int]] = []
+        for logical in logicals:
+            start = logical * seg
+            if start >= size:
+                break
+            end = min(size, start + seg)
+            if out and out[-1][0] + out[-1][1] == start:
+                out[-1] = (out[-1][0], end - out[-1][0])
+            else:
+                out.append((start, end - start))
+        return out
+
+    def changed_segments(self, volume: str, since: str,
+                         until: str | None = None) -> list[tuple[int, int]]:
+        """Byte ranges (offset, length), merged and in order, whose content may
+        differ between snapshot `since` and snapshot `until` (None: the live
+        volume). From the mapping table only; no data is read. A range is
+        whole segments, clipped to the newer view's size."""
+        vs, old = self._snapshot(volume, since)
+        if until is None:
+            epoch, size = None, vs.size
+        else:
+            _, new = self._snapshot(volume, until)
+            if new.epoch < old.epoch:
+                raise ValidationError("until", f"snapshot {until} is older than {since}")
+            epoch, size = new.epoch, new.size
+        return self._ranges(self._table.changed(vs.id, old.epoch, epoch), size)
+
+    def allocated_segments(self, volume: str,
+                           snapshot: str | None = None) -> list[tuple[int, int]]:
+        """Byte ranges that hold data in the volume or one of its snapshots
+        (everything else reads as zeros): the map for a first, full backup."""
+        if snapshot is None:
+            vs = self._volume(volume)
+            return self._ranges(self._table.mapped(vs.id, None), vs.size)
+        vs, snap = self._snapshot(volume, snapshot)
+        return self._ranges(self._table.mapped(vs.id, snap.epoch), snap.size)
+
+    # -- space and fsck --------------------------------------------------
+    def space(self) -> PoolSpace:
+        seg = self.segment_size
+        total = self._geo.segment_count * seg
+        free = self._alloc.available * seg
+        pending = len(self._alloc.pending) * seg
+        return PoolSpace(seg, total, total - free - pending, free, pending,
+                         sum(vs.size for vs in self._volumes.values()))
+
+    def check(self) -> CheckReport:
+        """fsck: every segment is free exactly once or owned by exactly one
+        version some volume or snapshot sees. Run with no I/O in flight."""
+        seg = self.segment_size
+        sizes = {vs.id: -(-vs.size // seg) for vs in self._volumes.values()}
+        problems = self._table.check(sizes)
+        owners = self._table.entries["volume"]
+        free = self._alloc.free_list() + self._alloc.pending
+        on_list = np.zeros(self._geo.segment_count, dtype=np.int64)
+        np.add.at(on_list, np.asarray(free, dtype=np.int64), 1)
+        for phys in np.flatnonzero(on_list > 1).tolist():
+            problems.append(f"segment {phys}: on the free list {on_list[phys]} times")
+        for phys in np.flatnonzero((on_list > 0) & (owners != 0)).tolist():
+            problems.append(f"segment {phys}: free but owned by volume {int(owners[phys])}")
+        for phys in np.flatnonzero((on_list == 0) & (owners == 0)).tolist():
+            problems.append(f"segment {phys}: leaked, neither owned nor free")
+        owned = int(np.count_nonzero(owners))
+        for vs in self._volumes.values():
+            lin = self._table.lineages.get(vs.id)
+            if lin is None:
+                problems.append(f"volume {vs.name}: not in the mapping table")
+                continue
+            epochs = sorted(s.epoch for s in vs.snapshots.values())
+            if epochs != lin.snaps:
+                problems.append(f"volume {vs.name}: snapshot epochs {epochs} but table has "
+                                f"{lin.snaps}")
+        return CheckReport(self._geo.segment_count, len(set(free)), owned, problems)
+

@@ -1,0 +1,201 @@
+"""Volumes and snapshots as block devices: the data path.
+
+A write is planned per segment, then performed: a segment the volume owns
+alone is overwritten in place (no metadata); a segment never written gets a
+new segment (zero-filled around the data); a segment a snapshot shares is
+copied to a new segment with the data spliced in (copy-on-write). New
+segments are reserved for the whole write before any I/O, so a write that
+cannot be placed raises OSError(ENOSPC) and changes nothing. The mapping is
+updated only after the data write returned, so a commit never points at data
+that is not on the device.
+
+Durability: a write with fua=True, or one followed by a returned `flush()`,
+survives a crash together with the mapping that points at it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING
+
+from head.volumes.devices import check_range
+from head.volumes.model import SnapshotState, VolumeState
+
+if TYPE_CHECKING:
+    from head.volumes.pool import Pool
+
+log = logging.getLogger(__name__)
+
+# (logical segment, offset in segment, offset in the request, length)
+Piece = tuple[int, int, int, int]
+
+
+def split(offset: int, length: int, segment_size: int) -> list[Piece]:
+    pieces = []
+    done = 0
+    while done < length:
+        logical, at = divmod(offset + done, segment_size)
+        n = min(segment_size - at, length - done)
+        pieces.append((logical, at, done, n))
+        done += n
+    return pieces
+
+
+async def read_view(pool: Pool, vid: int, epoch: int | None, offset: int, length: int) -> bytes:
+    """Bytes of a volume (epoch None) or of its snapshot at `epoch`; holes read as zeros."""
+    seg = pool.segment_size
+    out = bytearray(length)
+    for logical, at, done, n in split(offset, length, seg):
+        phys = pool._table.visible(vid, logical, epoch)
+        if phys is not None:
+            out[done:done + n] = await pool._dev.read(pool._geo.segment_offset(phys) + at, n)
+    return bytes(out)
+
+
+async def write_locked(pool: Pool, vs: VolumeState, offset: int, data: bytes, fua: bool) -> None:
+    """The write path; the caller holds the volume's write gate."""
+    seg = pool.segment_size
+    table = pool._table
+    pieces = split(offset, len(data), seg)
+    async with vs.locks.hold(p[0] for p in pieces):
+        plan = []
+        fresh_needed = 0
+        for logical, at, done, n in pieces:
+            phys = table.visible(vs.id, logical)
+            in_place = phys is not None and not table.shared(vs.id, phys)
+            fresh_needed += not in_place
+            plan.append((logical, at, done, n, phys, in_place))
+        fresh = await pool._reserve(fresh_needed)
+        placed: list[tuple[int, int]] = []
+        try:
+            for logical, at, done, n, phys, in_place in plan:
+                piece = data[done:done + n]
+                if in_place and phys is not None:
+                    durable_now = fua and phys not in pool._unsettled
+                    await pool._dev.write(pool._geo.segment_offset(phys) + at, piece,
+                                          fua=durable_now)
+                    continue
+                new = fresh[len(placed)]
+                if n == seg:
+                    buf = piece
+                else:
+                    if phys is None:
+                        whole = bytearray(seg)
+                    else:
+                        whole = bytearray(await pool._dev.read(pool._geo.segment_offset(phys), seg))
+                    whole[at:at + n] = piece
+                    buf = whole
+                await pool._dev.write(pool._geo.segment_offset(new), buf)
+                placed.append((logical, new))
+        except BaseException:
+            pool._alloc.give_back(fresh)
+            raise
+        for logical, new in placed:
+            pool._alloc.defer(table.place(vs.id, logical, new))
+            pool._unsettled.add(new)
+        needs_commit = fua and (placed or any(
+            p[4] in pool._unsettled for p in plan if p[5]))
+    if needs_commit:
+        await pool.commit()
+
+
+class VolumeDevice:
+    """A thin volume as a block device (`size`, `read`, `write`, `flush`,
+    `trim`, `write_zeroes`). Any number may be open on one volume; all go
+    through the same locks. I/O on a deleted volume raises OSError(ENODEV)."""
+
+    def __init__(self, pool: Pool, state: VolumeState) -> None:
+        self._pool = pool
+        self._vs = state
+
+    @property
+    def name(self) -> str:
+        return self._vs.name
+
+    @property
+    def size(self) -> int:
+        return self._vs.size
+
+    def _live(self) -> VolumeState:
+        if self._vs.deleted:
+            raise OSError(errno.ENODEV, f"volume {self._vs.name} was deleted")
+        return self._vs
+
+    async def read(self, offset: int, length: int) -> bytes:
+        vs = self._live()
+        check_range(vs.size, offset, length)
+        return await read_view(self._pool, vs.id, None, offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        """Write `data`; durable on return if `fua`. OSError(ENOSPC) when the
+        pool cannot place it, with nothing written."""
+        vs = self._live()
+        check_range(vs.size, offset, len(data))
+        async with vs.gate.writer():
+            self._live()
+            await write_locked(self._pool, vs, offset, data, fua)
+
+    async def flush(self) -> None:
+        """Every write that returned before this call is durable on return."""
+        self._live()
+        await self._pool.commit()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Discard a range: whole segments are unmapped (space comes back after
+        the next commit), partial ones zeroed. The range reads as zeros."""
+        vs = self._live()
+        check_range(vs.size, offset, length)
+        pool = self._pool
+        seg = pool.segment_size
+        async with vs.gate.writer():
+            self._live()
+            pieces = split(offset, length, seg)
+            whole = [p[0] for p in pieces if p[3] == seg]
+            async with vs.locks.hold(whole):
+                for logical in whole:
+                    pool._alloc.defer(pool._table.unmap(vs.id, logical))
+            for logical, at, done, n in pieces:
+                if n != seg and pool._table.visible(vs.id, logical) is not None:
+                    await write_locked(pool, vs, offset + done, bytes(n), False)
+        if fua:
+            await pool.commit()
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+        """Same as trim: unmapped space reads as zeros."""
+        await self.trim(offset, length, fua)
+
+
+class SnapshotDevice:
+    """A snapshot as a read-only block device; writes raise OSError(EROFS)."""
+
+    def __init__(self, pool: Pool, volume: VolumeState, snapshot: SnapshotState) -> None:
+        self._pool = pool
+        self._vs = volume
+        self._snap = snapshot
+
+    @property
+    def name(self) -> str:
+        return f"{self._vs.name}@{self._snap.name}"
+
+    @property
+    def size(self) -> int:
+        return self._snap.size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if self._snap.deleted:
+            raise OSError(errno.ENODEV, f"snapshot {self.name} was deleted")
+        check_range(self._snap.size, offset, length)
+        return await read_view(self._pool, self._vs.id, self._snap.epoch, offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        raise OSError(errno.EROFS, f"snapshot {self.name} is read-only")
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        raise OSError(errno.EROFS, f"snapshot {self.name} is read-only")
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+        raise OSError(errno.EROFS, f"snapshot {self.name} is read-only")
+
+    async def flush(self) -> None:
+        return None
