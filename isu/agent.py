@@ -1,0 +1,117 @@
+"""The ISU agent: serve this node's disks as NBD exports.
+
+Start order (the seed's 1.8.1): load or create the identity, open every
+disk (refusing the whole start on a bad disk spec, before anything is
+served), then start the NBD server. When ready it prints one JSON line on
+stdout, `{"event": "ready", "uuid": ..., "listen": "HOST:PORT", "exports": [...]}`,
+so a supervisor (the lab, a test) learns the real port even with port 0.
+
+TLS: with a tls_dir, the server requires TLS and a client certificate
+signed by the cluster CA (forced-TLS mode); without one it serves plain NBD,
+which only tests and benchmarks should use.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from isu import identity
+from isu.disks import Disk, DiskError, DiskSpec
+from nbd import tls
+from nbd.server import NBDServer, TLSMode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = "/var/lib/opie/isu"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"invalid listen address {text!r}, expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class ISUAgent:
+    """One ISU: its identity, its disks and the NBD server exporting them."""
+
+    def __init__(self, state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None = None):
+        self.state_dir = state_dir
+        self.config = identity.load(state_dir)
+        self.uuid: str = self.config["uuid"]
+        self.host, self.port = parse_listen(listen)
+        self.tls_dir = tls_dir
+        specs = [DiskSpec.parse(s) for s in disk_specs]
+        if not specs:
+            raise DiskError("an ISU needs at least one --disk")
+        names = [s.name for s in specs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise DiskError(f"two disks would be exported under the same name: {', '.join(sorted(dup))}")
+        self.disks: dict[str, Disk] = {}
+        try:
+            for spec in specs:
+                disk = Disk(spec)
+                self.disks[disk.name] = disk
+        except BaseException:
+            self.close_disks()
+            raise
+        ctx = tls.server_context(tls_dir) if tls_dir else None
+        self.server = NBDServer(self.disks, tls_context=ctx,
+                                tls_mode=TLSMode.REQUIRE if ctx else TLSMode.OFF)
+
+    def close_disks(self) -> None:
+        for d in self.disks.values():
+            d.close()
+
+    async def start(self) -> None:
+        self.host, self.port = (await self.server.start(self.host, self.port))[:2]
+        log.info("ISU %s serving %s on %s:%d", self.uuid, ", ".join(self.disks), self.host, self.port)
+
+    async def stop(self) -> None:
+        await self.server.close()
+        for d in self.disks.values():
+            try:
+                os.fdatasync(d.fd)
+            except OSError:
+                pass
+        self.close_disks()
+        log.info("ISU %s stopped", self.uuid)
+
+    def export_urls(self, host: str | None = None) -> list[str]:
+        scheme = "nbds" if self.tls_dir else "nbd"
+        h = host or ("127.0.0.1" if self.host in ("0.0.0.0", "") else self.host)
+        if ":" in h:
+            h = f"[{h}]"
+        return [f"{scheme}://{h}:{self.port}/{name}" for name in self.disks]
+
+    def status(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "listen": f"{self.host}:{self.port}", "tls": bool(self.tls_dir),
+                "disks": [d.status() for d in self.disks.values()], "exports": self.export_urls()}
+
+
+async def run(agent: ISUAgent) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly."""
+    await agent.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(json.dumps({"event": "ready", **agent.status()}), flush=True)
+    await stop.wait()
+    await agent.stop()
+
+
+def serve(state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None) -> int:
+    agent = ISUAgent(state_dir, disk_specs, listen, tls_dir)
+    try:
+        asyncio.run(run(agent))
+    finally:
+        agent.close_disks()
+    print(json.dumps({"event": "stopped", "uuid": agent.uuid}), flush=True, file=sys.stdout)
+    return 0

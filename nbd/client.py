@@ -1,0 +1,407 @@
+"""Asyncio NBD client with pipelining, timeouts and reconnect: the head's
+connection to each RAID member.
+
+Contract:
+- Requests may be issued concurrently from many tasks; they are pipelined on
+  one connection and complete in whatever order the server answers.
+- `write(..., fua=True)` returns once the server acknowledged the write as
+  durable; `flush()` returns once every write acknowledged before it was
+  issued is durable.
+- Every failure surfaces as `OSError` with an errno: the server's error
+  (EIO, ENOSPC, EPERM, ...), ETIMEDOUT when a request outlives `timeout`,
+  ECONNRESET when the connection is lost and cannot be re-established, ENOENT
+  for an unknown export at connect time, EACCES when TLS is refused.
+- On a lost connection the client reconnects (up to `reconnect_attempts`,
+  with backoff, within the request timeout) and re-sends the requests that
+  were in flight; NBD reads and writes are idempotent, so a re-sent request
+  is harmless. A request that timed out is failed, not re-sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import ssl
+from dataclasses import dataclass
+
+from nbd import codec
+from nbd.codec import ExportInfo, ProtocolError
+from nbd.constants import (
+    MAX_PAYLOAD,
+    ClientFlag,
+    Command,
+    CommandFlag,
+    HandshakeFlag,
+    Info,
+    Option,
+    Reply,
+    TransmissionFlag,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    cookie: int
+    header: bytes
+    payload: bytes | memoryview | None
+    read_len: int
+    future: asyncio.Future
+    buf: bytearray | None = None
+
+
+async def _read_option_reply(reader: asyncio.StreamReader) -> tuple[codec.OptionReplyHeader, bytes]:
+    hdr = codec.decode_option_reply_header(await reader.readexactly(codec.OPTION_REPLY_SIZE))
+    data = await reader.readexactly(hdr.length)
+    return hdr, data
+
+
+def _reply_error(option: int, reply: int, data: bytes) -> OSError:
+    msg = data.decode("utf-8", "replace")
+    code = {Reply.ERR_UNKNOWN: errno.ENOENT, Reply.ERR_TLS_REQD: errno.EACCES,
+            Reply.ERR_POLICY: errno.EACCES, Reply.ERR_UNSUP: errno.ENOTSUP}.get(reply, errno.EPROTO)
+    return OSError(code, f"{codec.option_name(option)}: {codec.reply_name(reply)}" + (f": {msg}" if msg else ""))
+
+
+async def _open(host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str | None):
+    """TCP connect + greeting + client flags + optional STARTTLS."""
+    reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    try:
+        hflags = codec.decode_greeting(await reader.readexactly(codec.GREETING_SIZE))
+        if not hflags & HandshakeFlag.FIXED_NEWSTYLE:
+            raise OSError(errno.EPROTO, "server does not speak fixed newstyle")
+        cflags = ClientFlag.FIXED_NEWSTYLE
+        if hflags & HandshakeFlag.NO_ZEROES:
+            cflags |= ClientFlag.NO_ZEROES
+        writer.write(codec.encode_client_flags(cflags))
+        if tls is not None:
+            writer.write(codec.encode_option(Option.STARTTLS))
+            await writer.drain()
+            hdr, data = await _read_option_reply(reader)
+            if hdr.reply != Reply.ACK:
+                raise _reply_error(Option.STARTTLS, hdr.reply, data)
+            try:
+                await writer.start_tls(tls, server_hostname=server_hostname or host)
+            except ssl.SSLError as exc:
+                raise OSError(errno.EACCES, f"TLS handshake with {host}:{port} failed: {exc}") from None
+        return reader, writer, bool(cflags & ClientFlag.NO_ZEROES)
+    except BaseException:
+        writer.close()
+        raise
+
+
+async def list_exports(host: str, port: int, *, tls: ssl.SSLContext | None = None,
+                       server_hostname: str | None = None, timeout: float = 10.0) -> list[tuple[str, str]]:
+    """NBD_OPT_LIST: the (name, description) of every export."""
+    async def go():
+        reader, writer, _ = await _open(host, port, tls, server_hostname)
+        try:
+            writer.write(codec.encode_option(Option.LIST))
+            await writer.drain()
+            out = []
+            while True:
+                hdr, data = await _read_option_reply(reader)
+                if hdr.reply == Reply.SERVER:
+                    out.append(codec.decode_server_entry(data))
+                elif hdr.reply == Reply.ACK:
+                    break
+                else:
+                    raise _reply_error(Option.LIST, hdr.reply, data)
+            writer.write(codec.encode_option(Option.ABORT))
+            await writer.drain()
+            return out
+        finally:
+            writer.close()
+    return await asyncio.wait_for(go(), timeout)
+
+
+class _ReplyProtocol(asyncio.BufferedProtocol):
+    """Parses simple replies; READ data lands directly in the request's buffer."""
+
+    def __init__(self, client: "NBDClient"):
+        self.client = client
+        self.stage = bytearray(codec.SIMPLE_REPLY_SIZE)
+        self.stage_pos = 0
+        self.target: _Pending | None = None
+        self.target_pos = 0
+        self.paused = False
+        self.resume = asyncio.Event()
+        self.resume.set()
+        self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def get_buffer(self, sizehint: int):
+        if self.target is not None:
+            return memoryview(self.target.buf)[self.target_pos:]
+        return memoryview(self.stage)[self.stage_pos:]
+
+    def buffer_updated(self, n: int) -> None:
+        if self.target is not None:
+            self.target_pos += n
+            if self.target_pos == len(self.target.buf):
+                p, self.target = self.target, None
+                self.client._complete(p, None)
+            return
+        self.stage_pos += n
+        if self.stage_pos < len(self.stage):
+            return
+        self.stage_pos = 0
+        try:
+            hdr = codec.decode_reply_header(bytes(self.stage))
+            if hdr.structured:
+                raise ProtocolError("structured reply received but never negotiated")
+        except ProtocolError as exc:
+            log.error("%s: %s; dropping connection", self.client.name, exc)
+            self.client._transport.abort()
+            return
+        p = self.client._pending.get(hdr.cookie)
+        if p is None:
+            log.error("%s: reply for unknown cookie %d; dropping connection", self.client.name, hdr.cookie)
+            self.client._transport.abort()
+            return
+        if hdr.error:
+            self.client._complete(p, OSError(hdr.error, f"{self.client.name}: server error {hdr.error}: "
+                                                        f"{errno.errorcode.get(hdr.error, '?')}"))
+        elif p.read_len:
+            p.buf = bytearray(p.read_len)
+            self.target, self.target_pos = p, 0
+        else:
+            self.client._complete(p, None)
+
+    def pause_writing(self) -> None:
+        self.resume.clear()
+
+    def resume_writing(self) -> None:
+        self.resume.set()
+
+    def connection_lost(self, exc) -> None:
+        self.resume.set()
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    def eof_received(self):
+        return False
+
+
+class NBDClient:
+    """One connection to one export. Create with `await NBDClient.connect(...)`."""
+
+    def __init__(self, host: str, port: int, export: str, tls: ssl.SSLContext | None,
+                 server_hostname: str | None, timeout: float, reconnect_attempts: int):
+        self.host, self.port, self.export = host, port, export
+        self.name = f"{host}:{port}/{export}"
+        self._tls = tls
+        self._server_hostname = server_hostname
+        self.timeout = timeout
+        self.reconnect_attempts = reconnect_attempts
+        self.info = ExportInfo()
+        self._pending: dict[int, _Pending] = {}
+        self._cookie = 0
+        self._transport: asyncio.Transport | None = None
+        self._proto: _ReplyProtocol | None = None
+        self._reconnecting: asyncio.Task | None = None
+        self._closed = False
+        self.reconnects = 0
+
+    # ------------------------------------------------------------ properties
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    def _has(self, flag: int) -> bool:
+        return bool(self.info.flags & flag)
+
+    @property
+    def read_only(self) -> bool:
+        return self._has(TransmissionFlag.READ_ONLY)
+
+    @property
+    def can_flush(self) -> bool:
+        return self._has(TransmissionFlag.SEND_FLUSH)
+
+    @property
+    def can_fua(self) -> bool:
+        return self._has(TransmissionFlag.SEND_FUA)
+
+    @property
+    def can_trim(self) -> bool:
+        return self._has(TransmissionFlag.SEND_TRIM)
+
+    @property
+    def can_zero(self) -> bool:
+        return self._has(TransmissionFlag.SEND_WRITE_ZEROES)
+
+    @property
+    def can_multi_conn(self) -> bool:
+        return self._has(TransmissionFlag.CAN_MULTI_CONN)
+
+    # ------------------------------------------------------------ connect
+    @classmethod
+    async def connect(cls, host: str, port: int, export: str = "", *, tls_dir: str | None = None,
+                      tls_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                      timeout: float = 30.0, reconnect_attempts: int = 3) -> "NBDClient":
+        if tls_dir and tls_context is None:
+            from nbd import tls as _tls
+            tls_context = _tls.client_context(tls_dir)
+        self = cls(host, port, export, tls_context, server_hostname, timeout, reconnect_attempts)
+        await asyncio.wait_for(self._connect(), timeout)
+        return self
+
+    async def _connect(self) -> None:
+        reader, writer, no_zeroes = await _open(self.host, self.port, self._tls, self._server_hostname)
+        try:
+            writer.write(codec.encode_option(Option.GO, codec.encode_info_request(self.export, (Info.BLOCK_SIZE,))))
+            await writer.drain()
+            info = ExportInfo()
+            while True:
+                hdr, data = await _read_option_reply(reader)
+                if hdr.reply == Reply.INFO:
+                    codec.decode_info_reply(data, info)
+                elif hdr.reply == Reply.ACK:
+                    break
+                elif hdr.reply == Reply.ERR_UNSUP:  # old server: fall back to EXPORT_NAME
+                    writer.write(codec.encode_option(Option.EXPORT_NAME, self.export.encode()))
+                    await writer.drain()
+                    raw = await reader.readexactly(10 if no_zeroes else 134)
+                    info.size, info.flags = codec.decode_export_name_reply(raw)
+                    break
+                else:
+                    raise _reply_error(Option.GO, hdr.reply, data)
+            if self.info.size and info.size != self.info.size:
+                raise OSError(errno.EIO, f"{self.name}: export size changed from {self.info.size} to {info.size}")
+            self.info = info
+        except ProtocolError as exc:
+            writer.close()
+            raise OSError(errno.EPROTO, f"{self.name}: {exc}") from None
+        except BaseException:
+            writer.close()
+            raise
+        transport = writer.transport
+        proto = _ReplyProtocol(self)
+        leftover = bytes(reader._buffer)
+        reader._buffer.clear()
+        if leftover:
+            raise OSError(errno.EPROTO, f"{self.name}: server sent data before any request")
+        transport.set_protocol(proto)
+        transport.resume_reading()
+        self._transport, self._proto = transport, proto
+        proto.lost.add_done_callback(lambda f, p=proto: self._on_lost(p))
+        log.debug("%s: connected (%d bytes, flags %#x)", self.name, info.size, info.flags)
+
+    def _on_lost(self, proto: _ReplyProtocol) -> None:
+        if proto is not self._proto or self._closed:
+            return
+        self._transport = None
+        if self._pending and self._reconnecting is None:
+            self._reconnecting = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = 0.1
+        try:
+            for attempt in range(1, self.reconnect_attempts + 1):
+                try:
+                    await asyncio.wait_for(self._connect(), self.timeout)
+                except (OSError, asyncio.TimeoutError, EOFError, asyncio.IncompleteReadError) as exc:
+                    log.warning("%s: reconnect %d/%d failed: %s", self.name, attempt, self.reconnect_attempts, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 3, 2.0)
+                    continue
+                self.reconnects += 1
+                log.info("%s: reconnected; re-sending %d request(s)", self.name, len(self._pending))
+                for p in list(self._pending.values()):
+                    self._send(p)
+                return
+            err = OSError(errno.ECONNRESET, f"{self.name}: connection lost")
+            for p in list(self._pending.values()):
+                self._complete(p, err)
+        finally:
+            self._reconnecting = None
+
+    # ------------------------------------------------------------ requests
+    def _complete(self, p: _Pending, exc: BaseException | None) -> None:
+        self._pending.pop(p.cookie, None)
+        if p.future.done():
+            return
+        if exc is not None:
+            p.future.set_exception(exc)
+        else:
+            p.future.set_result(bytes(p.buf) if p.buf is not None else None)
+
+    def _send(self, p: _Pending) -> None:
+        t = self._transport
+        if t is None or t.is_closing():
+            return  # the reconnect task re-sends it
+        t.write(p.header)
+        if p.payload:
+            t.write(p.payload)
+
+    async def _request(self, type_: int, flags: int, offset: int, length: int,
+                       payload: bytes | memoryview | None = None, read_len: int = 0):
+        if self._closed:
+            raise OSError(errno.ESHUTDOWN, f"{self.name}: client is closed")
+        proto = self._proto
+        if proto is not None and not proto.resume.is_set():
+            await proto.resume.wait()
+        self._cookie += 1
+        cookie = self._cookie
+        fut = asyncio.get_running_loop().create_future()
+        p = _Pending(cookie, codec.encode_request(flags, type_, cookie, offset, length), payload, read_len, fut)
+        self._pending[cookie] = p
+        if self._transport is None and self._reconnecting is None:
+            self._reconnecting = asyncio.ensure_future(self._reconnect())
+        self._send(p)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(cookie, None)
+            fut.cancel()
+            if self._transport is not None:
+                self._transport.abort()  # a stuck server: start over on a new connection
+            raise OSError(errno.ETIMEDOUT, f"{self.name}: {Command(type_).name} at {offset}+{length} "
+                                           f"timed out after {self.timeout}s") from None
+
+    async def read(self, offset: int, length: int) -> bytes:
+        out = []
+        while length:
+            n = min(length, MAX_PAYLOAD)
+            out.append(await self._request(Command.READ, 0, offset, n, read_len=n))
+            offset += n
+            length -= n
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        if self.read_only:
+            raise OSError(errno.EPERM, f"{self.name}: export is read-only")
+        mv = memoryview(data)
+        flags = CommandFlag.FUA if fua else 0
+        while mv:
+            n = min(len(mv), MAX_PAYLOAD)
+            await self._request(Command.WRITE, flags, offset, n, mv[:n])
+            offset += n
+            mv = mv[n:]
+
+    async def flush(self) -> None:
+        await self._request(Command.FLUSH, 0, 0, 0)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._request(Command.TRIM, CommandFlag.FUA if fua else 0, offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False, may_trim: bool = True) -> None:
+        flags = (CommandFlag.FUA if fua else 0) | (0 if may_trim else CommandFlag.NO_HOLE)
+        await self._request(Command.WRITE_ZEROES, flags, offset, length)
+
+    async def close(self) -> None:
+        """Wait for in-flight requests (bounded by the timeout), send DISC, close."""
+        if self._closed:
+            return
+        if self._pending:
+            await asyncio.wait([p.future for p in self._pending.values()], timeout=self.timeout)
+        self._closed = True
+        if self._reconnecting:
+            self._reconnecting.cancel()
+        t = self._transport
+        if t is not None and not t.is_closing():
+            self._cookie += 1
+            t.write(codec.encode_request(0, Command.DISC, self._cookie, 0, 0))
+            t.close()
+        self._transport = None

@@ -1,0 +1,586 @@
+"""Asyncio NBD server: fixed-newstyle handshake, many exports, pipelined
+requests answered out of order, optional or forced TLS.
+
+A thin shell around `nbd.codec`: it reads the lengths the codec announces and
+applies the policy below. Policy, per the spec (doc/proto.md):
+
+- A client that does not speak fixed newstyle, sets unknown client flags,
+  sends a bad magic, or an option longer than `MAX_OPTION_DISCARD` is
+  disconnected; shorter bad options get the spec's NBD_REP_ERR_* reply.
+- In forced-TLS mode every option but STARTTLS and ABORT is answered
+  NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which cannot carry an error, is
+  answered by closing), so a client without TLS learns nothing, not even the
+  export names. The TLS layer itself requires a client certificate signed by
+  the cluster CA.
+- In transmission, each request is checked (range, flags, read-only,
+  payload size) before an export sees it; errors carry the spec's errno and
+  the connection stays usable. Only a bad request magic or an oversized
+  WRITE payload (which would desynchronise the stream) closes it.
+- Replies are sent as soon as each request completes (out of order). A
+  request's reply header and data are written together, never interleaved.
+- Per connection at most `max_inflight` requests run at once; a client that
+  stops reading replies only stalls itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import ssl
+from dataclasses import dataclass, field
+
+from nbd import codec
+from nbd.codec import ProtocolError
+from nbd.constants import (
+    MAX_OPTION_LENGTH,
+    MAX_PAYLOAD,
+    MIN_BLOCK,
+    PREFERRED_BLOCK,
+    ClientFlag,
+    Command,
+    CommandFlag,
+    Errno,
+    HandshakeFlag,
+    Info,
+    Option,
+    Reply,
+    ReplyFlag,
+    TransmissionFlag,
+    wire_errno,
+)
+from nbd.export import Export
+
+log = logging.getLogger(__name__)
+
+MAX_OPTION_DISCARD = 1 << 20  # longer option data than this closes the connection
+HANDSHAKE_TIMEOUT = 30.0
+KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
+
+
+# Plain-int copies of enum values for the per-request path.
+_READ, _WRITE, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES = (int(Command.READ), int(Command.WRITE), int(Command.FLUSH),
+                                                       int(Command.TRIM), int(Command.CACHE), int(Command.WRITE_ZEROES))
+_SERVED_COMMANDS = frozenset((_READ, _WRITE, _FLUSH, _TRIM, _CACHE, _WRITE_ZEROES))
+_MODIFYING = frozenset((_WRITE, _TRIM, _WRITE_ZEROES))
+_FUA, _NO_HOLE, _DF = int(CommandFlag.FUA), int(CommandFlag.NO_HOLE), int(CommandFlag.DF)
+_KNOWN_CMD_FLAGS = _FUA | _NO_HOLE | _DF
+
+
+class TLSMode:
+    OFF = "off"          # no STARTTLS offered
+    ALLOW = "allow"      # STARTTLS offered, plain text also served
+    REQUIRE = "require"  # forced TLS
+
+
+class _Close(Exception):
+    """End this connection now (after logging why)."""
+
+
+@dataclass
+class _Session:
+    peer: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    no_zeroes: bool = False
+    tls: bool = False
+    structured: bool = False
+    export: Export | None = None
+    tasks: set = field(default_factory=set)
+    out: "_TransmissionProtocol | None" = None
+
+
+class NBDServer:
+    """Serve `exports` (name -> Export) over TCP.
+
+    `default_export` names the export a client gets when it asks for the
+    empty name. `tls_context` is a server SSLContext (see `nbd.tls`); with it,
+    `tls_mode` is ALLOW or REQUIRE. Start with `await start(host, port)`,
+    stop with `await close()`, which also ends open connections.
+    """
+
+    def __init__(self, exports: dict[str, Export], *, default_export: str | None = None,
+                 tls_context: ssl.SSLContext | None = None, tls_mode: str | None = None,
+                 max_inflight: int = 64):
+        self.exports = dict(exports)
+        self.default_export = default_export
+        self.tls_context = tls_context
+        self.tls_mode = tls_mode or (TLSMode.REQUIRE if tls_context else TLSMode.OFF)
+        if self.tls_mode != TLSMode.OFF and tls_context is None:
+            raise ValueError("TLS mode needs a TLS context")
+        self.max_inflight = max_inflight
+        self._server: asyncio.base_events.Server | None = None
+        self._sessions: set[asyncio.Task] = set()
+        self.connections_served = 0
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._serve, host, port, limit=1 << 22)
+        sock = self._server.sockets[0].getsockname()
+        log.info("serving %d export(s) on %s:%d (tls %s)", len(self.exports), sock[0], sock[1], self.tls_mode)
+        return sock[0], sock[1]
+
+    async def close(self) -> None:
+        if self._server:
+            self._server.close()
+        for t in list(self._sessions):
+            t.cancel()
+        if self._sessions:
+            await asyncio.gather(*self._sessions, return_exceptions=True)
+        if self._server:
+            await self._server.wait_closed()
+
+    def lookup(self, name: str) -> Export | None:
+        if name == "" and self.default_export is not None:
+            name = self.default_export
+        return self.exports.get(name)
+
+    # ------------------------------------------------------------ connection
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._sessions.add(task)
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        s = _Session(peer, reader, writer)
+        self.connections_served += 1
+        try:
+            try:
+                await asyncio.wait_for(self._handshake(s), HANDSHAKE_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise _Close("handshake timed out") from None
+            if s.export is not None:
+                await self._transmission(s)
+        except _Close as exc:
+            log.debug("%s: closing: %s", peer, exc)
+        except ProtocolError as exc:
+            log.warning("%s: protocol error, closing: %s", peer, exc)
+        except ssl.SSLError as exc:
+            log.warning("%s: TLS failure, closing: %s", peer, exc)
+        except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
+            log.debug("%s: client went away", peer)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # a bug must not take down other clients
+            log.exception("%s: unexpected error, closing connection", peer)
+        finally:
+            for t in list(s.tasks):
+                t.cancel()
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2)
+            except (Exception, asyncio.CancelledError):
+                pass
+            self._sessions.discard(task)
+
+    # ------------------------------------------------------------ handshake
+    async def _handshake(self, s: _Session) -> None:
+        s.writer.write(codec.encode_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES))
+        await s.writer.drain()
+        flags = codec.decode_client_flags(await s.reader.readexactly(codec.CLIENT_FLAGS_SIZE))
+        if flags & ~KNOWN_CLIENT_FLAGS:
+            raise _Close(f"unknown client flags {flags:#x}")
+        if not flags & ClientFlag.FIXED_NEWSTYLE:
+            raise _Close("client does not speak fixed newstyle")
+        s.no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
+        while s.export is None:
+            hdr = codec.decode_option_header(await s.reader.readexactly(codec.OPTION_HEADER_SIZE))
+            if hdr.length > MAX_OPTION_LENGTH:
+                if hdr.length > MAX_OPTION_DISCARD or hdr.option == Option.EXPORT_NAME:
+                    raise _Close(f"{codec.option_name(hdr.option)} with {hdr.length} bytes of data")
+                await _discard(s.reader, hdr.length)
+                await self._reply(s, hdr.option, Reply.ERR_TOO_BIG, b"option data too long")
+                continue
+            data = await s.reader.readexactly(hdr.length)
+            if await self._option(s, hdr.option, data):
+                return
+
+    async def _reply(self, s: _Session, option: int, reply: int, data: bytes = b"") -> None:
+        s.writer.write(codec.encode_option_reply(option, reply, data))
+        await s.writer.drain()
+
+    def _tls_missing(self, s: _Session) -> bool:
+        return self.tls_mode == TLSMode.REQUIRE and not s.tls
+
+    async def _option(self, s: _Session, option: int, data: bytes) -> bool:
+        """Handle one option; True when the session ends the handshake."""
+        log.debug("%s: %s (%d bytes)", s.peer, codec.option_name(option), len(data))
+        if option == Option.ABORT:
+            await self._reply(s, option, Reply.ACK)
+            raise _Close("client sent NBD_OPT_ABORT")
+        if option == Option.STARTTLS:
+            return await self._starttls(s, data)
+        if option == Option.EXPORT_NAME:
+            if self._tls_missing(s):
+                raise _Close("NBD_OPT_EXPORT_NAME before STARTTLS in forced-TLS mode")
+            name = codec.decode_export_name(data)
+            export = self.lookup(name)
+            if export is None:
+                raise _Close(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")
+            s.writer.write(codec.encode_export_name_reply(export.size, self._tflags(s, export), s.no_zeroes))
+            await s.writer.drain()
+            s.export = export
+            return True
+        if self._tls_missing(s):
+            await self._reply(s, option, Reply.ERR_TLS_REQD, b"TLS required")
+            return False
+        if option == Option.LIST:
+            if data:
+                await self._reply(s, option, Reply.ERR_INVALID, b"NBD_OPT_LIST takes no data")
+                return False
+            for name, export in self.exports.items():
+                await self._reply(s, option, Reply.SERVER, codec.encode_server_entry(name, export.description))
+            await self._reply(s, option, Reply.ACK)
+            return False
+        if option in (Option.INFO, Option.GO):
+            return await self._info(s, option, data)
+        if option == Option.STRUCTURED_REPLY:
+            if data:
+                await self._reply(s, option, Reply.ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
+            elif s.structured:
+                await self._reply(s, option, Reply.ERR_INVALID, b"structured replies already negotiated")
+            else:
+                s.structured = True
+                await self._reply(s, option, Reply.ACK)
+            return False
+        await self._reply(s, option, Reply.ERR_UNSUP, f"{codec.option_name(option)} not supported".encode())
+        return False
+
+    async def _starttls(self, s: _Session, data: bytes) -> bool:
+        if data:
+            await self._reply(s, Option.STARTTLS, Reply.ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+            return False
+        if self.tls_context is None:
+            await self._reply(s, Option.STARTTLS, Reply.ERR_POLICY, b"TLS is not enabled on this server")
+            return False
+        if s.tls:
+            await self._reply(s, Option.STARTTLS, Reply.ERR_INVALID, b"TLS already negotiated")
+            return False
+        await self._reply(s, Option.STARTTLS, Reply.ACK)
+        await s.writer.start_tls(self.tls_context)
+        s.tls = True
+        s.structured = False  # the spec: state negotiated before TLS is forgotten
+        cert = s.writer.get_extra_info("peercert") or {}
+        subject = dict(x[0] for x in cert.get("subject", ())).get("commonName", "?")
+        log.info("%s: TLS established with client %s", s.peer, subject)
+        return False
+
+    async def _info(self, s: _Session, option: int, data: bytes) -> bool:
+        try:
+            req = codec.decode_info_request(data)
+        except ProtocolError as exc:
+            await self._reply(s, option, Reply.ERR_INVALID, str(exc).encode())
+            return False
+        export = self.lookup(req.name)
+        if export is None:
+            await self._reply(s, option, Reply.ERR_UNKNOWN, f"no export named {req.name!r}".encode())
+            return False
+        await self._reply(s, option, Reply.INFO, codec.encode_info_export(export.size, self._tflags(s, export)))
+        for kind in set(req.requests):
+            if kind == Info.BLOCK_SIZE:
+                payload = codec.encode_info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD)
+            elif kind == Info.NAME:
+                payload = codec.encode_info_text(Info.NAME, export.name)
+            elif kind == Info.DESCRIPTION:
+                payload = codec.encode_info_text(Info.DESCRIPTION, export.description)
+            else:
+                continue
+            await self._reply(s, option, Reply.INFO, payload)
+        await self._reply(s, option, Reply.ACK)
+        if option == Option.GO:
+            s.export = export
+            return True
+        return False
+
+    @staticmethod
+    def _tflags(s: _Session, export: Export) -> int:
+        f = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_CACHE
+        if export.read_only:
+            f |= TransmissionFlag.READ_ONLY
+        else:
+            if export.can_trim:
+                f |= TransmissionFlag.SEND_TRIM
+            if export.can_zero:
+                f |= TransmissionFlag.SEND_WRITE_ZEROES
+        if export.can_multi_conn:
+            f |= TransmissionFlag.CAN_MULTI_CONN
+        if s.structured:
+            f |= TransmissionFlag.SEND_DF
+        return int(f)
+
+    # ------------------------------------------------------------ transmission
+    async def _transmission(self, s: _Session) -> None:
+        """Serve requests until DISC, EOF or a fatal protocol error.
+
+        The stream reader used for the handshake hands over to a buffered
+        protocol: write payloads are received straight into their own buffer
+        (no intermediate copies), which is what keeps up with nbdkit."""
+        export = s.export
+        assert export is not None
+        log.debug("%s: serving export %r (%d bytes)", s.peer, export.name, export.size)
+        transport = s.writer.transport
+        proto = _TransmissionProtocol(self, s, transport)
+        s.out = proto
+        leftover = bytes(s.reader._buffer)  # bytes the handshake reader already pulled in
+        s.reader._buffer.clear()
+        transport.set_protocol(proto)
+        if leftover:
+            proto.feed(leftover)
+        transport.resume_reading()
+        await proto.finished
+        if s.tasks:
+            await asyncio.gather(*list(s.tasks), return_exceptions=True)
+        if proto.close_reason:
+            raise _Close(proto.close_reason)
+
+    def _check(self, s: _Session, req: codec.Request) -> tuple[int, str] | None:
+        """Validate a request; return (errno, why) to refuse it. Runs per
+        request, so it compares plain ints rather than enum members."""
+        export = s.export
+        cmd, flags = req.type, req.flags
+        if flags & ~_KNOWN_CMD_FLAGS:
+            return Errno.EINVAL, f"unsupported command flags {flags:#x}"
+        if cmd not in _SERVED_COMMANDS:
+            if cmd in (Command.BLOCK_STATUS, Command.RESIZE):
+                return Errno.EINVAL, f"NBD_CMD_{Command(cmd).name} not negotiated"
+            return Errno.EINVAL, f"unknown command {cmd}"
+        if flags & _DF and (cmd != _READ or not s.structured):
+            return Errno.EINVAL, "DF flag only valid on READ with structured replies"
+        if flags & _NO_HOLE and cmd != _WRITE_ZEROES:
+            return Errno.EINVAL, "NO_HOLE flag only valid on WRITE_ZEROES"
+        if cmd == _FLUSH:
+            if req.offset or req.length:
+                return Errno.EINVAL, "FLUSH with non-zero offset or length"
+            return None
+        if cmd in _MODIFYING:
+            if export.read_only:
+                return Errno.EPERM, "export is read-only"
+            if (cmd == _TRIM and not export.can_trim) or (cmd == _WRITE_ZEROES and not export.can_zero):
+                return Errno.EINVAL, f"NBD_CMD_{Command(cmd).name} not supported by this export"
+        if req.length > MAX_PAYLOAD and cmd in (_READ, _WRITE):
+            return Errno.EINVAL, f"length {req.length} exceeds the {MAX_PAYLOAD}-byte maximum"
+        if req.offset + req.length > export.size:
+            err = Errno.ENOSPC if cmd in (_WRITE, _WRITE_ZEROES) else Errno.EINVAL
+            return err, f"range {req.offset}+{req.length} beyond the export's {export.size} bytes"
+        return None
+
+    async def _handle(self, s: _Session, req: codec.Request, payload: bytes) -> None:
+        refused = self._check(s, req)
+        data = None
+        if refused:
+            err, why = refused
+            log.debug("%s: refusing request %s: %s", s.peer, req, why)
+            return await self._send_error(s, req, err, why)
+        export = s.export
+        fua = bool(req.flags & _FUA)
+        try:
+            t = req.type
+            if t == _READ:
+                data = await export.read(req.offset, req.length) if req.length else b""
+            elif t == _WRITE:
+                if req.length:
+                    await export.write(req.offset, payload, fua)
+                elif fua:
+                    await export.flush()
+            elif t == _FLUSH:
+                await export.flush()
+            elif t == _TRIM:
+                if req.length:
+                    await export.trim(req.offset, req.length, fua)
+            elif t == _WRITE_ZEROES:
+                if req.length:
+                    await export.write_zeroes(req.offset, req.length, fua, not req.flags & _NO_HOLE)
+            elif t == _CACHE:
+                await export.cache(req.offset, req.length)
+        except OSError as exc:
+            log.warning("%s: export %s: %s at %d+%d failed: %s", s.peer, export.name,
+                        Command(req.type).name, req.offset, req.length, exc)
+            return await self._send_error(s, req, wire_errno(exc.errno or errno.EIO), str(exc))
+        out = s.out
+        if data is not None and s.structured:
+            if len(data):
+                out.send(codec.encode_offset_data_header(ReplyFlag.DONE, req.cookie, req.offset, len(data)), data)
+            else:
+                out.send(codec.encode_chunk_header(ReplyFlag.DONE, 0, req.cookie, 0))
+        else:
+            out.send(codec.encode_simple_reply(req.cookie), data)
+
+    async def _send_error(self, s: _Session, req: codec.Request, err: int, why: str) -> None:
+        if req.type == Command.READ and s.structured:
+            s.out.send(codec.encode_error_chunk(ReplyFlag.DONE, req.cookie, err, why))
+        else:
+            # A failed simple READ reply carries no data, per the spec.
+            s.out.send(codec.encode_simple_reply(req.cookie, err))
+
+
+class _TransmissionProtocol(asyncio.BufferedProtocol):
+    """Parses requests from the byte stream and starts one task per request.
+
+    Headers land in a staging buffer; a WRITE payload is received directly
+    into a bytearray of its own length. Reading pauses while `max_inflight`
+    requests are running or while the transport's write buffer is full (a
+    client that does not read its replies stalls only itself)."""
+
+    STAGING = 1 << 16
+
+    def __init__(self, server: NBDServer, s: _Session, transport: asyncio.Transport):
+        self.server, self.s, self.transport = server, s, transport
+        self.buf = bytearray(self.STAGING)
+        self.view = memoryview(self.buf)
+        self.pos = 0
+        self.pending: codec.Request | None = None
+        self.payload: bytearray | None = None
+        self.payload_pos = 0
+        self.inflight = 0
+        self.write_paused = False
+        self.read_paused = False
+        self.stopped = False
+        self.close_reason: str | None = None
+        self.small: list[bytes] = []
+        self.flush_scheduled = False
+        self.finished = asyncio.get_running_loop().create_future()
+
+    # -- asyncio callbacks
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.payload is not None:
+            return memoryview(self.payload)[self.payload_pos:]
+        if self.pos == len(self.buf):  # cannot happen: headers are parsed as they complete
+            raise ProtocolError("staging buffer overflow")
+        return self.view[self.pos:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.payload is not None:
+            self.payload_pos += nbytes
+            if self.payload_pos == len(self.payload):
+                req, data = self.pending, self.payload
+                self.pending, self.payload = None, None
+                self._dispatch(req, data)
+            return
+        self.pos += nbytes
+        self._parse()
+
+    def feed(self, data: bytes) -> None:
+        """Bytes received before the hand-over, processed as if just read."""
+        mv = memoryview(data)
+        while mv and not self.stopped:
+            dst = self.get_buffer(len(mv))
+            n = min(len(dst), len(mv))
+            dst[:n] = mv[:n]
+            mv = mv[n:]
+            self.buffer_updated(n)
+
+    def eof_received(self) -> bool:
+        self._stop(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._flow()
+
+    # -- replies
+    def send(self, header: bytes, data=None) -> None:
+        """Queue a reply. Header-only replies completing in the same loop
+        iteration go out in one send; a reply with data is written at once,
+        header and data back to back, so replies never interleave."""
+        if self.transport.is_closing():
+            return
+        if data:
+            self._flush_out()
+            self.transport.write(header)
+            self.transport.write(data)
+            return
+        self.small.append(header)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self.flush_scheduled = False
+        if self.small:
+            if not self.transport.is_closing():
+                self.transport.write(b"".join(self.small))
+            self.small.clear()
+
+    # -- parsing
+    def _parse(self) -> None:
+        buf, size = self.buf, codec.REQUEST_SIZE
+        start = 0
+        try:
+            while not self.stopped and self.pos - start >= size:
+                req = codec.decode_request(self.view[start:start + size])
+                start += size
+                if req.type == Command.WRITE:
+                    if req.length > MAX_PAYLOAD:
+                        return self._stop(f"WRITE of {req.length} bytes exceeds the {MAX_PAYLOAD}-byte maximum")
+                    payload = bytearray(req.length)
+                    have = min(self.pos - start, req.length)
+                    payload[:have] = self.view[start:start + have]
+                    start += have
+                    if have < req.length:
+                        self.pending, self.payload, self.payload_pos = req, payload, have
+                        break
+                    self._dispatch(req, payload)
+                elif req.type == Command.DISC:
+                    return self._stop("client sent NBD_CMD_DISC")
+                else:
+                    self._dispatch(req, b"")
+        except ProtocolError as exc:
+            return self._stop(f"protocol error: {exc}")
+        finally:
+            if start:
+                rest = self.pos - start
+                buf[:rest] = self.view[start:self.pos]
+                self.pos = rest
+
+    def _dispatch(self, req: codec.Request, payload) -> None:
+        s = self.s
+        self.inflight += 1
+        task = asyncio.ensure_future(self.server._handle(s, req, payload))
+        s.tasks.add(task)
+        task.add_done_callback(self._done)
+        self._flow()
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.s.tasks.discard(task)
+        self.inflight -= 1
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, (ConnectionError, RuntimeError)):
+                log.error("%s: request handler failed: %r", self.s.peer, exc)
+            self._stop(f"reply failed: {exc!r}")
+        self._flow()
+
+    def _flow(self) -> None:
+        if self.stopped:
+            return
+        want_pause = self.write_paused or self.inflight >= self.server.max_inflight
+        if want_pause and not self.read_paused:
+            self.transport.pause_reading()
+            self.read_paused = True
+        elif not want_pause and self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def _stop(self, reason: str | None) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.close_reason = reason
+        if not self.transport.is_closing():
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+async def _discard(reader: asyncio.StreamReader, n: int) -> None:
+    while n:
+        chunk = await reader.readexactly(min(n, 1 << 16))
+        n -= len(chunk)
