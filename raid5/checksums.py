@@ -1,0 +1,156 @@
+"""Per-block checksums kept on each member, in front of its chunks.
+
+Each member keeps one crc32 for each 4 KiB block of its own chunk area (data
+and parity alike), so a block that reads back wrong names its member. Entry
+value 0 means "not known yet" (a fresh, never written array); a crc32 of 0 is
+stored as 1, so the two never mix up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import IntegrityError, expect
+from .geometry import BLOCK, CSUMS_PER_BLOCK
+
+log = logging.getLogger(__name__)
+
+CS_MAGIC = b"O5CS"
+CS_VERSION = 1
+UNKNOWN = 0
+
+# Checksum block, 4 KiB, at member offset csum_offset + 4096 * index:
+#   0  4s    magic b"O5CS"
+#   4  H     version (1)
+#   6  H     reserved (0)
+#   8  I     index (covers data blocks index*1020 .. index*1020+1019)
+#  12  I     crc32 of bytes 0..11 and 16..4095
+#  16  1020I entry per data block: crc32 of the block (0 = unknown, 0 stored as 1)
+_HEAD = struct.Struct("<4sHHI")
+
+
+def block_tag(block: bytes | memoryview) -> int:
+    """The stored checksum of one 4 KiB block."""
+    return zlib.crc32(block) or 1
+
+
+def block_tags(data: bytes | memoryview) -> list[int]:
+    """Tags of each 4 KiB block of `data` (length a multiple of 4096)."""
+    view = memoryview(data)
+    return [zlib.crc32(view[i:i + BLOCK]) or 1 for i in range(0, len(view), BLOCK)]
+
+
+@dataclass(frozen=True)
+class ChecksumBlock:
+    index: int
+    entries: tuple[int, ...]
+
+    def to_bytes(self) -> bytes:
+        head = _HEAD.pack(CS_MAGIC, CS_VERSION, 0, self.index)
+        body = np.asarray(self.entries, dtype="<u4").tobytes()
+        crc = zlib.crc32(body, zlib.crc32(head))
+        return head + struct.pack("<I", crc) + body
+
+    @classmethod
+    def from_bytes(cls, data: bytes, index: int) -> "ChecksumBlock":
+        """Parse; an all-zero block (never written) is all UNKNOWN."""
+        expect("checksum block length", BLOCK, len(data))
+        if not any(data[:16]):
+            if any(data):
+                raise IntegrityError("checksum block header: expected magic, got zeros")
+            return cls(index, (UNKNOWN,) * CSUMS_PER_BLOCK)
+        magic, version, _, got_index = _HEAD.unpack_from(data)
+        expect("checksum block magic", CS_MAGIC, magic)
+        expect("checksum block version", CS_VERSION, version)
+        (crc,) = struct.unpack_from("<I", data, 12)
+        expect("checksum block crc32", crc, zlib.crc32(data[16:], zlib.crc32(data[:12])))
+        expect("checksum block index", index, got_index)
+        entries = np.frombuffer(data, dtype="<u4", offset=16)
+        return cls(index, tuple(int(e) for e in entries))
+
+
+class ChecksumTable:
+    """The checksum blocks of one member, cached in memory.
+
+    Contract: `update` changes the cache only; `write_back` makes the changed
+    blocks durable (FUA when asked) and is called by the array before a flush
+    returns and at once for FUA writes. A checksum block that fails its own
+    check is logged and treated as all UNKNOWN; it is rewritten on write back.
+    """
+
+    def __init__(self, name: str, csum_offset: int, read, write) -> None:
+        self.name = name
+        self.csum_offset = csum_offset
+        self._read = read        # async (offset, length) -> bytes
+        self._write = write      # async (offset, data, fua) -> None
+        self._blocks: dict[int, np.ndarray] = {}
+        self._dirty: set[int] = set()
+        self._locks: dict[int, "asyncio.Lock"] = {}
+        self.bad_blocks = 0
+
+    async def _load(self, index: int) -> np.ndarray:
+        entries = self._blocks.get(index)
+        if entries is None:
+            raw = await self._read(self.csum_offset + index * BLOCK, BLOCK)
+            entries = self._blocks.get(index)
+            if entries is not None:
+                return entries
+            try:
+                entries = np.array(ChecksumBlock.from_bytes(raw, index).entries, dtype=np.uint32)
+            except IntegrityError as exc:
+                log.warning("%s: checksum block %d unreadable, treating as unknown: %s",
+                            self.name, index, exc)
+                self.bad_blocks += 1
+                entries = np.zeros(CSUMS_PER_BLOCK, dtype=np.uint32)
+                self._dirty.add(index)
+            self._blocks[index] = entries
+        return entries
+
+    async def get(self, first: int, count: int) -> list[int]:
+        """Stored tags of member blocks first..first+count-1 (0 = unknown)."""
+        out: list[int] = []
+        block = first
+        while block < first + count:
+            index, entry = divmod(block, CSUMS_PER_BLOCK)
+            n = min(CSUMS_PER_BLOCK - entry, first + count - block)
+            entries = await self._load(index)
+            out.extend(int(x) for x in entries[entry:entry + n])
+            block += n
+        return out
+
+    async def update(self, first: int, tags: list[int]) -> set[int]:
+        """Set tags of blocks first..; returns the checksum block indexes changed."""
+        changed: set[int] = set()
+        block, pos = first, 0
+        while pos < len(tags):
+            index, entry = divmod(block, CSUMS_PER_BLOCK)
+            n = min(CSUMS_PER_BLOCK - entry, len(tags) - pos)
+            entries = await self._load(index)
+            entries[entry:entry + n] = tags[pos:pos + n]
+            changed.add(index)
+            block += n
+            pos += n
+        self._dirty |= changed
+        return changed
+
+    async def write_back(self, indexes: set[int] | None = None, fua: bool = False) -> None:
+        """Write the dirty checksum blocks (or those of `indexes` that are dirty)."""
+        todo = sorted(self._dirty if indexes is None else self._dirty & indexes)
+        for index in todo:
+            lock = self._locks.setdefault(index, asyncio.Lock())
+            async with lock:
+                if index not in self._dirty:
+                    continue
+                self._dirty.discard(index)
+                record = ChecksumBlock(index, tuple(int(x) for x in self._blocks[index]))
+                try:
+                    await self._write(self.csum_offset + index * BLOCK, record.to_bytes(), fua)
+                except BaseException:
+                    self._dirty.add(index)
+                    raise

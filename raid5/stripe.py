@@ -1,0 +1,220 @@
+"""The executor: performs read and write plans for one stripe.
+
+Callers hold the stripe's lock. Every read of a member block is checked
+against its stored checksum; a bad block is rebuilt from the other members,
+written back (self-heal) and never returned corrupted. A member that fails
+mid-operation is marked faulty by the array and the operation is planned
+again without it (`MemberLost` never leaves this module's callers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .checksums import block_tag, block_tags
+from .errors import MemberLost, UnrecoverableBlock
+from .geometry import BLOCK
+from .parity import xor_all, xor_into
+from .plan import WriteMode, WritePlan, _edges, _minus, plan_read, plan_write
+from .ppl import PPLRecord
+
+if TYPE_CHECKING:
+    from .engine import Array
+
+log = logging.getLogger(__name__)
+
+
+def block_no(arr: "Array", stripe: int, at: int) -> int:
+    """Member block number of chunk byte `at` of `stripe`."""
+    return (stripe * arr.geom.chunk_size + at) // BLOCK
+
+
+async def heal_block(arr: "Array", stripe: int, role: int, at: int, bad: bytes,
+                     stored: int) -> bytes:
+    """Rebuild one block of `role` from the others; rewrite it if the result
+    matches the stored checksum. Raises UnrecoverableBlock when it cannot."""
+    geom = arr.geom
+    where = f"{arr.member_name(role)}: stripe {stripe} block {at // BLOCK}"
+    others = [r for r in range(geom.members) if r != role]
+    if any(r in arr.missing(stripe) for r in others):
+        arr.stats.unrecoverable += 1
+        raise UnrecoverableBlock(f"{where}: checksum mismatch and the array is degraded")
+    acc = np.zeros(BLOCK, dtype=np.uint8)
+    for r in others:
+        blk = await arr.mread(r, geom.chunk_offset(stripe) + at, BLOCK)
+        (tag,) = await arr.csums[r].get(block_no(arr, stripe, at), 1)
+        if tag and block_tag(blk) != tag:
+            arr.stats.unrecoverable += 1
+            raise UnrecoverableBlock(f"{where}: checksum mismatch, and {arr.member_name(r)} "
+                                     f"is bad in the same row")
+        xor_into(acc, blk)
+    good = acc.tobytes()
+    if good == bad:
+        log.warning("%s: checksum was wrong, data matches parity; checksum rewritten", where)
+        await arr.csums[role].update(block_no(arr, stripe, at), [block_tag(good)])
+        return good
+    if block_tag(good) != stored:
+        arr.stats.unrecoverable += 1
+        raise UnrecoverableBlock(f"{where}: checksum mismatch and parity disagrees")
+    await arr.mwrite(role, geom.chunk_offset(stripe) + at, good, False)
+    arr.stats.note_repair(arr.member_name(role))
+    log.warning("%s: bad block repaired from parity", where)
+    return good
+
+
+async def read_verified(arr: "Array", stripe: int, role: int, lo: int, hi: int) -> np.ndarray:
+    """Bytes [lo, hi) (block aligned) of `role`'s chunk of `stripe`, checksum-verified."""
+    raw = await arr.mread(role, arr.geom.chunk_offset(stripe) + lo, hi - lo)
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    stored = await arr.csums[role].get(block_no(arr, stripe, lo), (hi - lo) // BLOCK)
+    view = memoryview(raw)
+    for k, tag in enumerate(stored):
+        blk = view[k * BLOCK:(k + 1) * BLOCK]
+        if not tag or (zlib.crc32(blk) or 1) == tag:
+            continue
+        if not buf.flags.writeable:
+            buf = buf.copy()
+        good = await heal_block(arr, stripe, role, lo + k * BLOCK, bytes(blk), tag)
+        buf[k * BLOCK:(k + 1) * BLOCK] = np.frombuffer(good, dtype=np.uint8)
+    return buf
+
+
+async def reconstruct(arr: "Array", stripe: int, role: int, lo: int, hi: int) -> np.ndarray:
+    """Bytes [lo, hi) of `role`'s chunk computed from every other member."""
+    others = [r for r in range(arr.geom.members) if r != role]
+    parts = await asyncio.gather(*(read_verified(arr, stripe, r, lo, hi) for r in others))
+    return xor_all(parts, hi - lo)
+
+
+async def read_chunk(arr: "Array", stripe: int, index: int, lo: int, hi: int) -> bytes:
+    """Array data: bytes [lo, hi) of data chunk `index` of `stripe`."""
+    while True:
+        plan = plan_read(arr.geom, stripe, index, lo, hi, arr.missing_one(stripe))
+        try:
+            if plan.reconstruct:
+                data = await reconstruct(arr, stripe, plan.role, plan.lo, plan.hi)
+            else:
+                data = await read_verified(arr, stripe, plan.role, plan.lo, plan.hi)
+        except MemberLost:
+            continue
+        return data[lo - plan.lo:hi - plan.lo].tobytes()
+
+
+async def write_chunks(arr: "Array", stripe: int, pieces: dict[int, tuple[int, memoryview]],
+                       fua: bool) -> None:
+    """Write `pieces` (data index -> (offset in chunk, bytes)) into `stripe`."""
+    modified = tuple((pieces[i][0], pieces[i][0] + len(pieces[i][1])) if i in pieces else (0, 0)
+                     for i in range(arr.geom.data_chunks))
+    while True:
+        plan = plan_write(arr.geom, stripe, modified, arr.missing_one(stripe),
+                          logged=stripe in arr.logged)
+        try:
+            await execute_write(arr, plan, pieces, fua)
+        except MemberLost:
+            continue
+        return
+
+
+async def execute_write(arr: "Array", plan: WritePlan, pieces: dict[int, tuple[int, memoryview]],
+                        fua: bool) -> None:
+    geom = arr.geom
+    s, p, m = plan.stripe, plan.parity_role, plan.missing
+    w0, w1 = plan.window
+    roles = [geom.data_role(s, i) for i in range(geom.data_chunks)]
+    got = await asyncio.gather(*(read_verified(arr, s, e.role, e.start, e.end) for e in plan.reads))
+    extents: dict[int, list[tuple[int, np.ndarray]]] = {}
+    for e, buf in zip(plan.reads, got):
+        extents.setdefault(e.role, []).append((e.start, buf))
+
+    def old(role: int, a: int, b: int) -> np.ndarray:
+        for start, buf in extents.get(role, ()):
+            if start <= a and b <= start + len(buf):
+                return buf[a - start:b - start]
+        raise RuntimeError(f"plan for stripe {s} did not read role {role} [{a}, {b})")
+
+    mi = geom.data_index(s, m) if m is not None else None
+    if plan.mode is WriteMode.DEGRADED_WRITE and m is not None:
+        recon = old(p, w0, w1).copy()
+        for i, r in enumerate(roles):
+            if i != mi:
+                xor_into(recon, old(r, w0, w1))
+        extents[m] = [(w0, recon)]
+
+    new: dict[int, tuple[int, np.ndarray]] = {}
+    for i, (lo, data) in pieces.items():
+        ma, mb = plan.modified_blocks(i)
+        if plan.mode is WriteMode.READ_MODIFY_WRITE:
+            buf = old(roles[i], ma, mb).copy()
+        else:
+            buf = np.zeros(mb - ma, dtype=np.uint8)
+            for ea, eb in _edges(lo, lo + len(data)):
+                buf[ea - ma:eb - ma] = old(roles[i], ea, eb)
+        buf[lo - ma:lo - ma + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        new[i] = (ma, buf)
+
+    writes: list[tuple[int, int, np.ndarray]] = [
+        (roles[i], ma, buf) for i, (ma, buf) in new.items() if roles[i] != m]
+    ticket = None
+    if plan.mode is not WriteMode.DATA_ONLY:
+        if plan.mode is WriteMode.READ_MODIFY_WRITE:
+            pp = old(p, w0, w1).copy()
+            for i, (ma, _) in new.items():
+                xor_into(pp[ma - w0:ma - w0 + len(new[i][1])], old(roles[i], ma, ma + len(new[i][1])))
+        else:
+            pp = np.zeros(w1 - w0, dtype=np.uint8)
+            for i in range(geom.data_chunks):
+                for a, b in _minus(plan.window, plan.modified_blocks(i)):
+                    xor_into(pp[a - w0:b - w0], old(roles[i], a, b))
+        logged_rows = []
+        for i in range(geom.data_chunks):
+            if i in new and i != mi:
+                ma, buf = new[i]
+                logged_rows.append((ma // BLOCK, (ma + len(buf)) // BLOCK))
+            else:
+                logged_rows.append((0, 0))
+        if mi is not None and mi in new:
+            # The missing chunk is never written: parity alone defines it, so
+            # the log treats its new contents as untouched data.
+            ma, buf = new[mi]
+            xor_into(pp[ma - w0:ma - w0 + len(buf)], buf)
+        parity = pp.copy()
+        for i, (ma, buf) in new.items():
+            if i != mi:
+                xor_into(parity[ma - w0:ma - w0 + len(buf)], buf)
+        if plan.log and arr.journal:
+            full = plan.mode is WriteMode.FULL_STRIPE
+            payload = b"" if full else pp.tobytes()
+            record = PPLRecord(arr.uuid, arr.slots[p].ppl_generation, arr.next_seq(), s,
+                               w0 // BLOCK, (w1 - w0) // BLOCK, tuple(logged_rows), full,
+                               zlib.crc32(payload))
+            ticket = await arr.ppl_append(p, record, payload)
+            arr.logged.add(s)
+        writes.append((p, w0, parity))
+    try:
+        await write_extents(arr, s, writes, fua)
+    finally:
+        if ticket is not None:
+            await arr.slots[p].ring.release(ticket)
+
+
+async def write_extents(arr: "Array", stripe: int, writes: list[tuple[int, int, np.ndarray]],
+                        fua: bool) -> None:
+    """Write chunk extents to their members at once, then record their checksums
+    (durably with FUA). Raises MemberLost after marking failed members faulty."""
+    base = arr.geom.chunk_offset(stripe)
+    results = await asyncio.gather(
+        *(arr.slots[role].write(base + at, buf.tobytes(), fua) for role, at, buf in writes),
+        return_exceptions=True)
+    lost = await arr.settle([role for role, _, _ in writes], results)
+    for (role, at, buf), res in zip(writes, results):
+        if res is None and role not in lost:
+            changed = await arr.csums[role].update(block_no(arr, stripe, at), block_tags(buf.data))
+            if fua:
+                await arr.csums[role].write_back(changed, fua=True)
+    if lost:
+        raise MemberLost(lost[0])
