@@ -6,9 +6,15 @@ hosts, so these are the only clients.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 import subprocess
-from typing import Sequence
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +52,36 @@ def nfs_cmd(tool: str, args: Sequence[str], netns: str | None = None,
     prefix = ["ip", "netns", "exec", netns] if netns else []
     return subprocess.run(prefix + [tool, *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks; how a client checks a copy."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_random(path: Path, size: int) -> Path:
+    """Fill `path` with `size` random bytes (incompressible, not deduplicable)."""
+    with open(path, "wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+        f.write(os.urandom(size % (1 << 20)))
+    return path
+
+
+@contextmanager
+def scratch_volume(prefix: str = "opie-shares-") -> Iterator[Path]:
+    """A directory under /tmp, mode 0755, standing in for a mounted volume; removed after.
+
+    Share users (and NFS's squashed anonymous user) must be able to traverse
+    every parent, which pytest's 0700 tmp dirs do not allow.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -6,13 +6,12 @@ traverse, and its own Unix users, deleted again in teardown.
 """
 from __future__ import annotations
 
-import hashlib
-import os
+import datetime as dt
+import io
 import pwd
 import secrets
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ import pytest
 
 from cli.main import main as opie
 from shares.acl import read_acl
-from shares.clients import smbclient, smbclient_argv
+from shares.clients import file_sha256 as sha256, scratch_volume, smbclient, smbclient_argv, \
+    write_random as random_file
 from shares.errors import ValidationErrors
 from shares.model import Protocol, Share, ShareTable
 from shares.process import free_port, pid_alive
@@ -35,29 +35,10 @@ from shares.users import UserManager
 HOST = "127.0.0.1"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def random_file(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        for _ in range(size // (1 << 20)):
-            f.write(os.urandom(1 << 20))
-        f.write(os.urandom(size % (1 << 20)))
-    return path
-
-
 @pytest.fixture
 def volume() -> Iterator[Path]:
-    """A volume root share users can reach (pytest's tmp_path is 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="opie-shares-", dir="/tmp"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    with scratch_volume() as root:
+        yield root
 
 
 @dataclass
@@ -221,7 +202,6 @@ def test_previous_versions_from_gmt_snapshot(lab: SmbLab, tmp_path: Path) -> Non
     docs.mkdir()
     (docs / "report.txt").write_text("version 1\n")
     # A plain directory tree stands in for a snapshot mounted read-only.
-    import datetime as dt
     taken = dt.datetime(2026, 11, 20, 9, 30, 0, tzinfo=dt.timezone.utc)
     snap = snapshot_dir(lab.volume, taken)
     assert snap.name == "@GMT-2026.11.20-09.30.00"
@@ -273,7 +253,6 @@ def test_users_add_passwd_del_list_and_cli(lab: SmbLab, capsys: pytest.CaptureFi
     # The CLI, with its own state dir, keeps Unix and passdb in step too.
     state = lab.settings.state_dir.rsplit("/", 1)[0] + "/cli"
     name = "otc" + secrets.token_hex(3)
-    import io
     try:
         monkeypatch.setattr("sys.stdin", io.StringIO("cli-pass-1\n"))
         assert opie(["user", "add", name, "--password-stdin", "--state-dir", state]) == 0
