@@ -350,3 +350,7 @@ def test_isus_lease_announce_and_are_watched(lab: LabNetwork, tmp_path: Path) ->
     time.sleep(0.5)
     head.drain()
     assert [e["uuid"] for e in head.seen if e["ev"] == "dead"] == [victim]
+
+    # A clean shutdown says goodbye: the head drops the ISU at once.
+    isus[uuids[3]].send("quit")
+    head.wait_for(lambda e: e["ev"] == "gone" and e["uuid"] == uuids[3], 5)
