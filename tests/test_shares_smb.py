@@ -119,6 +119,9 @@ def test_read_only_share_refuses_writes(lab: SmbLab, tmp_path: Path) -> None:
     (lab.volume / "pub").mkdir()
     (lab.volume / "pub" / "readme.txt").write_text("read me\n")
     lab.service.start(lab.table(Share("pub", "vol", "pub", read_only=True, users=(alice,))))
+    assert f"user:{alice}:r-x" in read_acl(lab.volume / "pub")
+    # Let the file system allow the write, so only smbd's "read only" can refuse it.
+    subprocess.run(["setfacl", "-m", f"u:{alice}:rwx", str(lab.volume / "pub")], check=True)
     local = random_file(tmp_path / "f", 10_000)
     put = lab.client("pub", "alice", f"put {local} new.bin")
     assert put.returncode != 0 and "NT_STATUS_ACCESS_DENIED" in put.stdout + put.stderr
@@ -128,7 +131,6 @@ def test_read_only_share_refuses_writes(lab: SmbLab, tmp_path: Path) -> None:
     assert (lab.volume / "pub" / "readme.txt").exists()
     got = lab.client("pub", "alice", f"get readme.txt {tmp_path / 'r.txt'}")
     assert got.returncode == 0 and (tmp_path / "r.txt").read_text() == "read me\n"
-    assert f"user:{alice}:r-x" in read_acl(lab.volume / "pub")
 
 
 def test_change_applies_while_another_client_stays_connected(lab: SmbLab, tmp_path: Path) -> None:
