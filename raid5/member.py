@@ -71,13 +71,14 @@ class MemoryMember:
                 self._stable[offset:offset + len(data)] = data
             self._unflushed.clear()
 
-    def power_loss(self, rng: random.Random | None = None) -> None:
-        """Drop the cache: reads afterwards see only what reached stable storage."""
+    def power_loss(self, rng: random.Random | None = None, keep: float = 0.5) -> None:
+        """Drop the cache: reads afterwards see only what reached stable storage
+        (and each unflushed write with probability `keep`)."""
         if self._stable is None:
             return
         rng = rng or random.Random(0)
         for offset, data in self._unflushed:
-            if rng.random() < 0.5:
+            if rng.random() < keep:
                 self._stable[offset:offset + len(data)] = data
         self._unflushed.clear()
         self.data[:] = self._stable

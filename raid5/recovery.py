@@ -179,17 +179,19 @@ async def _run(arr: Array, role: int, phase: Phase, work: Awaitable[None]) -> No
              arr.state_string())
 
 
-async def rebuild(arr: Array, role: int, *, rate: float | None = None, checkpoint_every: int = 64,
-                  sleep: Sleep = asyncio.sleep) -> None:
+def rebuild(arr: Array, role: int, *, rate: float | None = None, checkpoint_every: int = 64,
+            sleep: Sleep = asyncio.sleep,
+            clock: Callable[[], float] = time.monotonic) -> Awaitable[None]:
     """Rebuild `role` (state REBUILDING) from its recovery stripe to the end.
-    I/O continues meanwhile: stripes below the recovery stripe use the new member."""
+    I/O continues meanwhile: stripes below the recovery stripe use the new member.
+    The phase is visible in `arr.phases` as soon as this returns the coroutine."""
     slot = arr.slots[role]
     phase = Phase(PhaseKind.REBUILD, total=arr.geom.stripes, done=slot.recovery_stripe)
     arr.phases[PhaseKind.REBUILD] = phase
-    phase.fire(PhaseEvent.START, f"{slot.name} from stripe {slot.recovery_stripe}")
-    limit = RateLimit(rate, sleep)
+    limit = RateLimit(rate, sleep, clock)
 
     async def work() -> None:
+        phase.fire(PhaseEvent.START, f"{slot.name} from stripe {slot.recovery_stripe}")
         for s in range(slot.recovery_stripe, arr.geom.stripes):
             await _copy_one(arr, s, role, MemberState.REBUILDING, limit,
                             lambda: setattr(slot, "recovery_stripe", s + 1))
@@ -199,21 +201,21 @@ async def rebuild(arr: Array, role: int, *, rate: float | None = None, checkpoin
                 slot.checkpoint = slot.recovery_stripe
                 await arr.write_superblocks(bump=False, roles=[role])
 
-    await _run(arr, role, phase, work())
+    return _run(arr, role, phase, work())
 
 
-async def resync_member(arr: Array, role: int, *, rate: float | None = None,
-                        sleep: Sleep = asyncio.sleep) -> None:
+def resync_member(arr: Array, role: int, *, rate: float | None = None,
+                  sleep: Sleep = asyncio.sleep) -> Awaitable[None]:
     """Copy to a returning member (RESYNCING) only the regions it missed."""
     slot = arr.slots[role]
     regions = sorted(slot.stale_regions)
     total = sum(len(arr.region_stripes_of(r)) for r in regions)
     phase = Phase(PhaseKind.RESYNC, total=total)
     arr.phases[PhaseKind.RESYNC] = phase
-    phase.fire(PhaseEvent.START, f"{slot.name}: {len(regions)} regions missed while away")
     limit = RateLimit(rate, sleep)
 
     async def work() -> None:
+        phase.fire(PhaseEvent.START, f"{slot.name}: {len(regions)} regions missed while away")
         for region in regions:
             slot.resync_region = region
             for s in arr.region_stripes_of(region):
@@ -222,7 +224,7 @@ async def resync_member(arr: Array, role: int, *, rate: float | None = None,
                 phase.done += 1
             slot.stale_regions.discard(region)
 
-    await _run(arr, role, phase, work())
+    return _run(arr, role, phase, work())
 
 
 def start(arr: Array, coro: Awaitable[None]) -> asyncio.Task:
@@ -233,7 +235,8 @@ def start(arr: Array, coro: Awaitable[None]) -> asyncio.Task:
 
 
 async def replace(arr: Array, member: Member, *, rate: float | None = None,
-                  checkpoint_every: int = 64, sleep: Sleep = asyncio.sleep) -> asyncio.Task:
+                  checkpoint_every: int = 64, sleep: Sleep = asyncio.sleep,
+                  clock: Callable[[], float] = time.monotonic) -> asyncio.Task:
     """Put `member` in the failed role and start rebuilding it in the background."""
     faulty = [s for s in arr.slots if s.state is MemberState.FAULTY]
     if len(faulty) != 1 or arr.failed:
@@ -250,8 +253,9 @@ async def replace(arr: Array, member: Member, *, rate: float | None = None,
     arr.attach(slot)
     log.info("%s: rebuilding role %d onto %s", arr.name, slot.role, member.name)
     await arr.write_superblocks()
+    await arr.mark_dirty(set(), force=True)
     return start(arr, rebuild(arr, slot.role, rate=rate, checkpoint_every=checkpoint_every,
-                              sleep=sleep))
+                              sleep=sleep, clock=clock))
 
 
 async def re_add(arr: Array, member: Member, *, rate: float | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .geometry import BLOCK
 from .member import Member, MemoryMember
@@ -25,6 +26,7 @@ class PowerCut(Exception):
 class Cut:
     budget: int | None = None          # writes still allowed; None = no cut armed
     tear: bool = True
+    when: Callable[[str, int, int], bool] | None = None  # or: cut at the first matching write
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     fired: bool = False
 
@@ -66,6 +68,8 @@ class FaultyMember:
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         self._gate()
         cut = self.cut
+        if cut is not None and cut.when is not None and cut.when(self.name, offset, len(data)):
+            cut.budget = 0
         if cut is not None and cut.budget is not None:
             if cut.budget == 0:
                 cut.fired = True
@@ -95,3 +99,34 @@ def corrupt(member: MemoryMember, offset: int, length: int, rng: random.Random) 
         member.data[at] ^= bit
         if member._stable is not None:
             member._stable[at] ^= bit
+
+
+@dataclass
+class Rig:
+    """A test array over FaultyMember(MemoryMember) members sharing one Cut."""
+
+    disks: list[FaultyMember]
+    cut: Cut
+    arr: object = None
+
+    @property
+    def mems(self) -> list[MemoryMember]:
+        return [d.inner for d in self.disks]  # type: ignore[misc]
+
+    def power_loss(self, rng: random.Random | None = None, keep: float = 0.5) -> None:
+        """The head lost power: drop every member's cache and disarm the cut."""
+        for m in self.mems:
+            m.power_loss(rng, keep)
+        self.cut.budget, self.cut.fired, self.cut.when = None, False, None
+
+
+def rig(members: int = 4, *, stripes: int = 16, chunk_size: int = 16384,
+        ppl_size: int = 256 << 10, volatile: bool = False) -> Rig:
+    """Members just big enough for `stripes` stripes of `chunk_size`."""
+    from .geometry import Geometry
+    g = Geometry(members, chunk_size, stripes, ppl_size)
+    size = g.data_offset + stripes * chunk_size
+    cut = Cut()
+    disks = [FaultyMember(MemoryMember(size, f"disk{i}", volatile=volatile), cut)
+             for i in range(members)]
+    return Rig(disks, cut)
