@@ -14,7 +14,9 @@ import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
+
+from shares.model import ShareTable
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +87,34 @@ def scratch_volume(prefix: str = "opie-shares-") -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def describe(table: ShareTable, host: str, smb_port: int | None, nfs_port: int | None,
+             user: str | None = None, password: str | None = None) -> list[dict[str, Any]]:
+    """lab.json `shares` entries: one {name, protocol, url, user, password} per share and protocol.
+
+    URLs are `smb://HOST:PORT/SHARE` and `nfs://HOST:PORT/SHARE` (NFS has no
+    user; its entry carries None). A protocol whose port is None is skipped.
+    """
+    out: list[dict[str, Any]] = []
+    for share in sorted(table.shares, key=lambda s: s.name.lower()):
+        if share.smb and smb_port is not None:
+            out.append({"name": share.name, "protocol": "smb",
+                        "url": smb_url(host, smb_port, share.name),
+                        "user": user, "password": password})
+        if share.nfs and nfs_port is not None:
+            out.append({"name": share.name, "protocol": "nfs",
+                        "url": f"nfs://{host}:{nfs_port}/{share.name}",
+                        "user": None, "password": None})
+    return out
+
+
+def how_to_connect(entry: Mapping[str, Any]) -> str:
+    """One line an admin can paste to reach a share described by `describe`."""
+    url = str(entry["url"])
+    host_port, _, name = url.split("://", 1)[1].partition("/")
+    host, _, port = host_port.rpartition(":")
+    if entry["protocol"] == "smb":
+        return " ".join(smbclient_argv(host, int(port), name, entry.get("user"),
+                                       entry.get("password")))
+    return f"nfs-ls '{nfs_url(host, int(port), '/' + name, 4)}'"

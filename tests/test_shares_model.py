@@ -14,6 +14,7 @@ import pytest
 
 from cli.main import main as opie
 from shares import nfs, smb
+from shares.clients import describe, how_to_connect
 from shares.errors import ValidationErrors
 from shares.model import Protocol, Share, ShareTable
 from shares.smbd import write_config
@@ -195,3 +196,13 @@ def test_cli_share_add_list_del(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert Path(config).read_bytes() == before
     assert opie(["share", "del", "docs", "--config", config]) == 0
     assert [s.name for s in load_table(Path(config)).shares] == ["exp"]
+
+
+def test_lab_description_urls_and_connect_lines() -> None:
+    entries = describe(lab_table(), "10.0.0.5", 4450, 20490, "labuser", "pw")
+    assert [(e["name"], e["protocol"]) for e in entries] == [
+        ("backup", "nfs"), ("docs", "smb"), ("docs", "nfs"), ("media", "smb")]
+    assert entries[1]["url"] == "smb://10.0.0.5:4450/docs" and entries[1]["user"] == "labuser"
+    assert entries[2]["url"] == "nfs://10.0.0.5:20490/docs" and entries[2]["user"] is None
+    assert how_to_connect(entries[1]) == "smbclient //10.0.0.5/docs -p 4450 -U labuser%pw"
+    assert how_to_connect(entries[2]) == "nfs-ls 'nfs://10.0.0.5/docs?version=4&nfsport=20490'"

@@ -114,6 +114,19 @@ def test_wrong_password_and_outsider_are_refused(lab: SmbLab) -> None:
     assert guest.returncode != 0
 
 
+def test_guest_access_only_where_asked_for(lab: SmbLab, tmp_path: Path) -> None:
+    alice, _ = lab.user("alice")
+    for name in ("open", "closed"):
+        (lab.volume / name).mkdir()
+        (lab.volume / name / "hi.txt").write_text(f"{name}\n")
+    lab.service.start(lab.table(Share("open", "vol", "open", read_only=True, guest_ok=True),
+                                Share("closed", "vol", "closed", users=(alice,))))
+    got = lab.client("open", None, f"get hi.txt {tmp_path / 'hi.txt'}")
+    assert got.returncode == 0 and (tmp_path / "hi.txt").read_text() == "open\n", got.stdout
+    refused = lab.client("closed", None, "ls")
+    assert refused.returncode != 0 and "NT_STATUS_ACCESS_DENIED" in refused.stdout
+
+
 def test_read_only_share_refuses_writes(lab: SmbLab, tmp_path: Path) -> None:
     alice, _ = lab.user("alice")
     (lab.volume / "pub").mkdir()
