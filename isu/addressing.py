@@ -18,9 +18,11 @@ import logging
 import secrets
 import select
 import socket
+import threading
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Any
 
 from discovery.lease_proto import (LEASE_CLIENT_PORT, LEASE_SERVER_PORT, Kind, LeaseMessage,
@@ -250,7 +252,11 @@ class LeaseClient:
         return lease
 
     def renew(self, timeout: float = 5.0) -> AcquiredLease:
-        """Ask again for the persisted leased address; extends the lease."""
+        """Ask again for the persisted leased address; extends the lease.
+
+        LeaseDenied means the address is no longer ours (e.g. it expired and
+        was leased to another ISU): call `acquire` for a new one.
+        """
         current = read_network(self.state_dir)
         if current.address is None or current.source != "lease":
             raise ConfigError("no leased address to renew")
@@ -258,3 +264,33 @@ class LeaseClient:
         with broadcast_socket(self.ifname, self.client_port) as sock:
             return self._request(sock, secrets.randbits(32), parse_address(current.address), deadline)
 
+    def keep(self, lease: AcquiredLease, stop: threading.Event,
+             on_new_address: Callable[[AcquiredLease], None] | None = None) -> None:
+        """Renew at half of each lease until `stop` is set; blocking, run it on its own thread.
+
+        A refused renewal leads to a fresh `acquire`; a server that does not
+        answer is retried until the lease has expired, then a fresh
+        `acquire` is tried. When the address changes, `on_new_address` is
+        called (the announcer and heartbeat must move). Errors are logged,
+        never raised.
+        """
+        while not stop.wait(max(0.5, (lease.expires - time.time()) / 2)):
+            before = lease.address
+            try:
+                try:
+                    lease = self.renew()
+                except LeaseDenied as exc:
+                    log.error("%s: renewal of %s refused (%s); asking for a new address",
+                              self.ifname, lease.address, exc.reason.name)
+                    lease = self.acquire()
+                except LeaseTimeout:
+                    if time.time() < lease.expires:
+                        log.warning("%s: no answer to the renewal of %s; will retry",
+                                    self.ifname, lease.address)
+                        continue
+                    log.error("%s: lease of %s expired without renewal", self.ifname, lease.address)
+                    lease = self.acquire()
+            except (LeaseDenied, LeaseTimeout, ConfigError, OSError) as exc:
+                log.error("%s: cannot keep an address: %s", self.ifname, exc)
+            if lease.address != before and on_new_address is not None:
+                on_new_address(lease)

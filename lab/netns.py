@@ -12,8 +12,8 @@ The bridge lives in its own "switch" namespace, so the root namespace gets no
 new interface and the lab subnet is never routed anywhere. Each host has `lo`
 and `eth0` up; hosts listed in `addressed` get `subnet.network + 1 + index`.
 
-Processes run in a host with `LabHost.popen`: the child joins the host's
-network namespace with setns(2) before exec and keeps the root mount
+Processes run in a host with `LabHost.popen`: `nsenter --net` joins the
+host's network namespace and execs the command, which keeps the root mount
 namespace. (`ip netns exec` would give it a private copy of the mount table,
 where a later umount leaves a live copy behind; see DESIGN.) The lab stops
 every process it started, by pid, and deletes its namespaces on exit, also
@@ -21,7 +21,6 @@ when the body raised; `remove_lab(prefix)` clears what a killed run left.
 """
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import logging
 import os
@@ -37,9 +36,7 @@ from pyroute2 import NetNS, netns
 
 log = logging.getLogger(__name__)
 
-CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/var/run/netns"
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class LabError(Exception):
@@ -49,13 +46,6 @@ class LabError(Exception):
 def new_prefix(base: str = "opie") -> str:
     """A fresh lab prefix like `opie-3f2a-` (short: interface names are <= 15 chars)."""
     return f"{base}-{secrets.token_hex(2)}-"
-
-
-def _join_netns(fd: int) -> None:
-    """Child side of popen: enter the network namespace open at `fd`."""
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 @dataclass
@@ -71,17 +61,12 @@ class LabHost:
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start `argv` inside this host's network namespace.
 
-        The lab owns the process: it is SIGTERMed (then SIGKILLed) by pid at
-        teardown unless it has exited. Keyword arguments go to `Popen`.
+        `nsenter --net` joins the namespace and execs `argv` (same pid, root
+        mount namespace). The lab owns the process: it is SIGTERMed (then
+        SIGKILLed) by pid at teardown unless it has exited. Keyword
+        arguments go to `Popen`.
         """
-        fd = os.open(os.path.join(NETNS_DIR, self.netns), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            pass_fds = tuple(kwargs.pop("pass_fds", ())) + (fd,)
-            proc = subprocess.Popen(
-                list(argv), pass_fds=pass_fds, preexec_fn=lambda: _join_netns(fd), **kwargs
-            )
-        finally:
-            os.close(fd)
+        proc = subprocess.Popen(["nsenter", f"--net={NETNS_DIR}/{self.netns}", "--", *argv], **kwargs)
         self._procs.append(proc)
         return proc
 
@@ -145,10 +130,13 @@ class LabNetwork:
     `with LabNetwork(hosts=4, subnet="10.213.7.0/24", addressed=[0]) as net:`
     gives `net.host(0)` the address 10.213.7.1/24 and leaves hosts 1..3
     without one (for the lease path). `addressed=None` addresses every host.
+    At teardown each process gets `stop_grace` seconds between SIGTERM and SIGKILL.
     """
 
     def __init__(self, prefix: str | None = None, hosts: int = 2,
-                 subnet: str = "10.213.0.0/24", addressed: Iterable[int] | None = None) -> None:
+                 subnet: str = "10.213.0.0/24", addressed: Iterable[int] | None = None,
+                 stop_grace: float = 3.0) -> None:
+        self.stop_grace = stop_grace
         self.prefix = prefix or new_prefix()
         if len(self.prefix) > 11:
             raise ValueError(f"lab prefix {self.prefix!r} is longer than 11 characters")
@@ -212,7 +200,7 @@ class LabNetwork:
         """Stop the lab's processes and delete its namespaces; safe to call twice."""
         for host in self.hosts:
             try:
-                host.stop_processes()
+                host.stop_processes(self.stop_grace)
             except Exception:  # keep tearing down; the namespaces must go
                 log.exception("lab %s: stopping processes of %s", self.prefix, host.netns)
         for name in reversed(self._created):

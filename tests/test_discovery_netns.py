@@ -10,7 +10,9 @@ right class (new / member / spare / foreign); avahi-browse sees them with
 their TXT; a TXT state change reaches the head within 1 s; forged, malformed,
 out-of-pool and duplicate-UUID lease messages are refused, logged, and leave
 the leases file byte-for-byte unchanged; a SIGKILLed ISU is declared dead
-within 3 s while the others stay alive.
+within 3 s while the others stay alive; a goodbye is seen at once; a
+restarted head rediscovers the live ISUs (not the dead one) and goes on
+renewing their leases from the persisted file.
 
 The stand-in ISU and head processes are this file run as a script
 (`python test_discovery_netns.py isu|head ...`); the real ISU agent and head
@@ -60,6 +62,7 @@ def isu_main(args: argparse.Namespace) -> None:
     renewed = client.renew()
     emit("renewed", address=str(renewed.address), expires=renewed.expires)
     address = str(lease.address.ip)
+    stop = threading.Event()
     with HeartbeatResponder(uuid, address) as hb:
         record = IsuRecord(str(uuid), address, 10809, hb.port, state="ready", disks=2,
                            capacity=2 * 10**9, version="0.1.0", config_gen=1,
@@ -74,9 +77,12 @@ def isu_main(args: argparse.Namespace) -> None:
                 if words[:1] == ["state"]:
                     emit("updating", state=words[1])
                     announcer.update(state=words[1], config_gen=announcer.record.config_gen + 1)
+                elif words[:1] == ["keep"]:
+                    threading.Thread(target=client.keep, args=(renewed, stop), daemon=True).start()
                 elif words[:1] == ["quit"]:
                     break
         finally:
+            stop.set()
             announcer.close()
 
 
@@ -91,7 +97,7 @@ def head_main(args: argparse.Namespace) -> None:
         emit(event.kind, uuid=event.uuid, cls=event.isu_class.value, state=event.record.state,
              address=event.record.address, at=event.at)
 
-    pool = LeasePool(args.leases, parse_pool(args.pool), 24, lease_secs=600,
+    pool = LeasePool(args.leases, parse_pool(args.pool), 24, lease_secs=int(args.lease_secs),
                      probe=lambda a: arp_probe("eth0", a))
     with LeaseServer(pool, bytes.fromhex(args.token), "eth0", head=(args.address, 8080)), \
             IsuRegistry(args.address, args.cluster, on_event):
@@ -140,7 +146,7 @@ if __name__ == "__main__":
     for opt in ("--token", "--state-dir", "--cluster", "--role", "--name"):
         p.add_argument(opt, default="")
     p = sub.add_parser("head")
-    for opt in ("--address", "--token", "--leases", "--pool", "--cluster"):
+    for opt in ("--address", "--token", "--leases", "--pool", "--cluster", "--lease-secs"):
         p.add_argument(opt, required=True)
     p = sub.add_parser("forger")
     for opt in ("--token", "--dup-uuid"):
@@ -246,9 +252,9 @@ def start_avahi(host: LabHost, state: Path) -> dict[str, str]:
                       "--print-address=1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert bus.stdout is not None and bus.stdout.readline().startswith("unix:")
     env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={bus_path}")
-    host.popen(["avahi-daemon", "-f", str(state / "avahi.conf"), "--no-drop-root", "--no-chroot",
-                "--no-rlimits", "--no-proc-title"], env=env,
-               stdout=open(state / "avahi.log", "w"), stderr=subprocess.STDOUT)
+    with open(state / "avahi.log", "w") as avahi_log:
+        host.popen(["avahi-daemon", "-f", str(state / "avahi.conf"), "--no-drop-root", "--no-chroot",
+                    "--no-rlimits", "--no-proc-title"], env=env, stdout=avahi_log, stderr=subprocess.STDOUT)
     return env
 
 
@@ -265,8 +271,9 @@ def test_isus_lease_announce_and_are_watched(lab: LabNetwork, tmp_path: Path) ->
     with box.ipr() as ipr:   # a box somebody configured by hand inside the pool
         ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=HAND_CONFIGURED, prefixlen=24)
     leases = tmp_path / "leases.json"
-    head = Proc(head_host, ["head", "--address", str(head_host.address.ip), "--token", TOKEN.hex(),
-                            "--leases", str(leases), "--pool", POOL, "--cluster", CLUSTER])
+    head_argv = ["head", "--address", str(head_host.address.ip), "--token", TOKEN.hex(),
+                 "--leases", str(leases), "--pool", POOL, "--cluster", CLUSTER, "--lease-secs", "4"]
+    head = Proc(head_host, head_argv)
     head.wait_for(lambda e: e["ev"] == "ready", 15)
     avahi_env = start_avahi(box, tmp_path)
 
@@ -340,6 +347,10 @@ def test_isus_lease_announce_and_are_watched(lab: LabNetwork, tmp_path: Path) ->
         time.sleep(0.05)
     assert leases.read_bytes() == before
 
+    # From here on the ISUs renew their 4 s leases at half-life.
+    for proc in isus.values():
+        proc.send("keep")
+
     # SIGKILL of one ISU is noticed within 3 s; the others stay alive.
     victim = uuids[2]
     killed_at = time.time()
@@ -354,3 +365,23 @@ def test_isus_lease_announce_and_are_watched(lab: LabNetwork, tmp_path: Path) ->
     # A clean shutdown says goodbye: the head drops the ISU at once.
     isus[uuids[3]].send("quit")
     head.wait_for(lambda e: e["ev"] == "gone" and e["uuid"] == uuids[3], 5)
+
+    # A restarted head finds the live ISUs from discovery alone, not the dead one,
+    # and keeps renewing their leases from the persisted leases file.
+    head.proc.terminate()
+    head.proc.wait(10)
+    head = Proc(head_host, head_argv)
+    ready = head.wait_for(lambda e: e["ev"] == "ready", 15)["t"]
+    for u in uuids[:2]:
+        again = head.wait_for(lambda e, u=u: e["ev"] == "found" and e["uuid"] == u, 10)
+        print(f"restarted head found {u[:8]} after {again['at'] - ready:.3f} s")
+    deadline = time.monotonic() + 8
+    while True:
+        expiry = {x.uuid: x.expires for x in load_leases(str(leases))}
+        if all(expiry[u] > ready + 4 for u in uuids[:2]):
+            break
+        assert time.monotonic() < deadline, (expiry, ready)
+        time.sleep(0.2)
+    time.sleep(1.0)
+    head.drain()
+    assert {e["uuid"] for e in head.seen if e["ev"] == "found"} == set(uuids[:2])

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -24,6 +27,10 @@ def test_hosts_reach_each_other_and_teardown_removes_everything() -> None:
         assert "10.213.61." not in subprocess.run(["ip", "-4", "addr"], capture_output=True,
                                                    text=True).stdout
         sleeper = net.host(2).popen(["sleep", "300"])
+        deadline = time.monotonic() + 5
+        while open(f"/proc/{sleeper.pid}/comm").read().strip() != "sleep":  # nsenter has exec'd
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         # popen keeps the root mount namespace (unlike `ip netns exec`).
         assert os.readlink(f"/proc/{sleeper.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
         assert os.readlink(f"/proc/{sleeper.pid}/ns/net") != os.readlink("/proc/self/ns/net")
@@ -32,12 +39,15 @@ def test_hosts_reach_each_other_and_teardown_removes_everything() -> None:
 
 
 def test_teardown_happens_when_the_body_fails() -> None:
-    net = LabNetwork(hosts=2, subnet="10.213.62.0/24")
+    net = LabNetwork(hosts=2, subnet="10.213.62.0/24", stop_grace=0.5)
     with pytest.raises(RuntimeError, match="boom"):
         with net:
-            stubborn = net.host(0).popen(["sh", "-c", "trap '' TERM; sleep 300"])
+            stubborn = net.host(0).popen(
+                [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+                 " print('ready', flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True)
+            assert stubborn.stdout is not None and stubborn.stdout.readline() == "ready\n"
             raise RuntimeError("boom")
-    assert stubborn.poll() is not None   # SIGKILLed after ignoring SIGTERM
+    assert stubborn.returncode == -signal.SIGKILL   # it ignored SIGTERM
     assert lab_namespaces(net.prefix) == []
 
 
