@@ -7,7 +7,9 @@ Public API (what the head calls):
 - `smb.render(table, SmbSettings) -> str`, `nfs.render(table, NfsSettings) -> str`:
   pure config renderers.
 - `ShareService({Protocol.SMB: SmbSettings, Protocol.NFS: NfsSettings})`
-  with `start(table)`, `apply(table)`, `stop()` (shares.service).
+  with `start(table)`, `apply(table)`, `stop()` (shares.service); servers run
+  as child processes, or as systemd units with
+  `runner_options={p: {"launcher": shares.systemd.systemd_launcher()}}`.
 - `UserManager(smb_conf, store_path)` with `add`, `passwd`, `delete`, `list`
   (shares.users).
 - `snapshot_dir(volume_mountpoint, taken_at)` (shares.snapshots): where a

@@ -13,7 +13,7 @@ import logging
 from typing import Any, ClassVar
 
 from shares.errors import ValidationErrors
-from shares.process import Child
+from shares.process import ServerProcess
 from shares.model import ABS_PATH_RE, Protocol, Share, ShareTable
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class ServerRunner(abc.ABC):
     The table given is already validated.
     """
 
-    child: Child | None = None  # the main server process, once started
+    child: ServerProcess | None = None  # the main server process, once started
 
     @property
     def running(self) -> bool:

@@ -22,7 +22,7 @@ from shares.errors import CallError
 from shares.files import write_atomic
 from shares.model import ShareTable
 from shares.nfs import NfsSettings, render, render_export
-from shares.process import Child, wait_for
+from shares.process import Child, Launcher, ServerProcess, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,14 @@ class GaneshaRunner(ServerRunner):
     `netns` runs every process in that network namespace; `rpcbind=True`
     starts a private rpcbind first (only sensible inside a namespace, since
     rpcbind owns port 111). `bus_address` uses an existing bus instead of a
-    private dbus-daemon.
+    private dbus-daemon (on systemd hosts: the system bus). `launcher` makes
+    the ganesha process: a child by default, a systemd unit with
+    `shares.systemd.systemd_launcher`.
     """
 
     def __init__(self, settings: NfsSettings, netns: str | None = None, rpcbind: bool = False,
-                 bus_address: str | None = None, start_timeout: float = 30.0) -> None:
+                 bus_address: str | None = None, start_timeout: float = 30.0,
+                 launcher: Launcher = Child) -> None:
         self.settings = settings.validate()
         self.netns = netns
         self.want_rpcbind = rpcbind
@@ -63,7 +66,8 @@ class GaneshaRunner(ServerRunner):
         self.state = Path(settings.state_dir)
         self.bus = None if bus_address else dbus_bus.PrivateBus(self.state / "dbus")
         self.bus_address = bus_address or (self.bus.address if self.bus else "")
-        self.child: Child | None = None
+        self.launcher = launcher
+        self.child: ServerProcess | None = None
         self.rpcbind: Child | None = None
         self.exports: dict[int, str] = {}
 
@@ -109,10 +113,10 @@ class GaneshaRunner(ServerRunner):
                          and listening(self.rpcbind.pid, 111), 10, "rpcbind",
                          alive=lambda: self.rpcbind is not None and self.rpcbind.alive)
             env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.bus_address)
-            self.child = Child("ganesha", self._prefix() + [
+            self.child = self.launcher("ganesha", self._prefix() + [
                 "ganesha.nfsd", "-F", "-L", str(self.settings.log_path),
                 "-f", str(self.settings.conf_path), "-p", str(self.settings.pid_path)],
-                self.state / "ganesha.stdout", env=env)
+                self.state / "ganesha.stdout", env)
             self.child.start()
             wait_for(self._ready, self.start_timeout, "ganesha", alive=lambda: self.running)
         except CallError as exc:

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from shares.errors import CallError
 
@@ -107,8 +107,31 @@ def stop_pidfile(path: Path, name: str, must_contain: str) -> None:
         stop_pid(pid, name)
 
 
+class ServerProcess(Protocol):
+    """What a runner needs of its server process, however it is launched."""
+
+    name: str
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+    def log_tail(self, lines: int = 20) -> str: ...
+
+
+Launcher = Callable[[str, Sequence[str], Path, "Mapping[str, str] | None"], ServerProcess]
+"""Makes a (stopped) server process from name, argv, log path and environment:
+`Child` in the lab, `shares.systemd.systemd_launcher(...)` on systemd hosts."""
+
+
 class Child:
-    """One server process we started; output goes to `log_path`."""
+    """One server process we started as our child; output goes to `log_path`."""
 
     def __init__(self, name: str, argv: Sequence[str], log_path: Path,
                  env: Mapping[str, str] | None = None) -> None:

@@ -17,7 +17,7 @@ from shares.base import ServerRunner
 from shares.errors import CallError
 from shares.files import write_atomic
 from shares.model import ShareTable
-from shares.process import Child, cmdline, pid_alive, run, stop_pid, stop_pidfile, tcp_open, \
+from shares.process import Child, Launcher, ServerProcess, cmdline, pid_alive, run, stop_pid, stop_pidfile, tcp_open, \
     wait_for
 from shares.smb import STATE_SUBDIRS, SmbSettings, render
 
@@ -50,18 +50,21 @@ def rpc_helper_pids(settings: SmbSettings) -> list[int]:
 class SmbdRunner(ServerRunner):
     """smbd for one `SmbSettings`: start(table), apply(table), stop()."""
 
-    def __init__(self, settings: SmbSettings, start_timeout: float = 30.0) -> None:
+    def __init__(self, settings: SmbSettings, start_timeout: float = 30.0,
+                 launcher: Launcher = Child) -> None:
         self.settings = settings.validate()
         self.start_timeout = start_timeout
-        self.child: Child | None = None
+        self.launcher = launcher
+        self.child: ServerProcess | None = None
 
     def start(self, table: ShareTable) -> None:
         """Write smb.conf, start smbd and return once it accepts connections."""
         if self.running:
             raise CallError(f"smbd: already running as pid {self.pid}", 17)
         conf = write_config(self.settings, table)
-        self.child = Child("smbd", ["smbd", "--foreground", "--debug-stdout", "-s", str(conf)],
-                           Path(self.settings.state_dir, "log", "smbd.stdout"))
+        self.child = self.launcher("smbd", ["smbd", "--foreground", "--debug-stdout", "-s",
+                                            str(conf)],
+                                   Path(self.settings.state_dir, "log", "smbd.stdout"), None)
         self.child.start()
         try:
             wait_for(lambda: tcp_open(self.settings.bind_address, self.settings.port),
