@@ -97,14 +97,25 @@ class _Worker:
         while not self._stop.is_set():
             ready, _, _ = select.select([self.sock], [], [], self.wait_time())
             if ready:
-                data, sender = self.sock.recvfrom(256)
-                try:
-                    beat = decode(data)
-                except BadHeartbeat as exc:
-                    log.debug("heartbeat: ignored datagram from %s: %s", sender[0], exc)
-                else:
-                    self.on_beat(beat, sender)
+                self._drain()
             self.tick()
+
+    def _drain(self) -> None:
+        """Handle every queued datagram (so a late tick judges on all answers received)."""
+        while True:
+            try:
+                data, sender = self.sock.recvfrom(256, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # e.g. a queued ICMP error; the next datagram may be fine
+                log.debug("heartbeat: receive: %s", exc)
+                return
+            try:
+                beat = decode(data)
+            except BadHeartbeat as exc:
+                log.debug("heartbeat: ignored datagram from %s: %s", sender[0], exc)
+            else:
+                self.on_beat(beat, sender)
 
     def wait_time(self) -> float:
         return 0.2
@@ -132,7 +143,10 @@ class HeartbeatResponder(_Worker):
 
     def on_beat(self, beat: Beat, sender: tuple[str, int]) -> None:
         if beat.kind == PING and beat.uuid == self.uuid:
-            self.sock.sendto(encode(Beat(PONG, beat.seq, self.uuid)), sender)
+            try:
+                self.sock.sendto(encode(Beat(PONG, beat.seq, self.uuid)), sender)
+            except OSError as exc:
+                log.debug("heartbeat: pong to %s: %s", sender[0], exc)
 
 
 @dataclass
@@ -163,6 +177,7 @@ class LivenessMonitor(_Worker):
         self._peers: dict[str, _Peer] = {}
         self._seq = 0
         self._next_ping = 0.0
+        self._last_tick = 0.0
 
     def __enter__(self) -> LivenessMonitor:
         self.start()
@@ -209,10 +224,18 @@ class LivenessMonitor(_Worker):
 
     def tick(self) -> None:
         now = self.clock()
+        # If this thread itself was starved, the silence is ours, not the ISUs':
+        # ping again and judge on the next tick.
+        gap = now - self._last_tick
+        stalled = bool(self._last_tick) and gap > max(2 * self.interval, 0.5)
+        self._last_tick = now
+        if stalled:
+            log.warning("heartbeat: monitor thread stalled %.2f s; not judging this round", gap)
+            self._next_ping = now
         died: list[tuple[str, float]] = []
         with self._lock:
             for uuid, peer in self._peers.items():
-                if peer.alive and now - peer.last_seen > self.timeout:
+                if not stalled and peer.alive and now - peer.last_seen > self.timeout:
                     peer.alive = False
                     died.append((uuid, now - peer.last_seen))
             targets = [(uuid, peer.address) for uuid, peer in self._peers.items()]

@@ -61,6 +61,11 @@ def read_available(port: Port) -> bytes:
     return first + (port.read(waiting) if waiting else b"")
 
 
+def _one_line(value: object) -> str:
+    """A status value that cannot break the line framing."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))
+
+
 class ConsoleServer:
     """Serve the console on `port` (an open pyserial port with a read timeout).
 
@@ -132,7 +137,7 @@ class ConsoleServer:
             lines = [f"name: {settings.name or '-'}", f"address: {settings.address or '-'}",
                      f"head: {settings.head or '-'}", f"source: {settings.source or '-'}"]
             if self.status is not None:
-                lines += [f"{k}: {v}" for k, v in self.status().items()]
+                lines += [f"{_one_line(k)}: {_one_line(v)}" for k, v in self.status().items()]
             return lines + ["ok"]
         if cmd == "set" and len(words) == 3:
             what, value = words[1].lower(), words[2]

@@ -92,3 +92,29 @@ def test_liveness_monitor_declares_dead_once_and_alive_again() -> None:
         revived.stop()
         other.stop()
     assert [e for e in events if e[1] == U] == [("dead", U), ("alive", U)]
+
+
+def test_a_starved_monitor_does_not_declare_deaths_it_caused() -> None:
+    """Decisions on an injected clock: a 1.9 s gap in the monitor's own ticks is not
+    the ISU's silence; one normal tick later the silence counts."""
+    now = [100.0]
+    dead: list[str] = []
+    mon = heartbeat.LivenessMonitor(lambda uid, silent: dead.append(uid), lambda uid: None,
+                                    bind_address="127.0.0.1", interval=0.25, timeout=1.5,
+                                    clock=lambda: now[0])
+    try:
+        mon.watch(U, ("127.0.0.1", 9))       # nobody answers there
+        for t in (100.0, 100.25, 100.5):
+            now[0] = t
+            mon.tick()
+        now[0] = 102.4                        # the monitor thread was starved for 1.9 s
+        mon.tick()
+        assert dead == [] and mon.is_alive(U)
+        now[0] = 102.65
+        mon.tick()
+        assert dead == [U] and not mon.is_alive(U)
+        now[0] = 102.9
+        mon.tick()
+        assert dead == [U]                    # reported once
+    finally:
+        mon.stop()
