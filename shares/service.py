@@ -14,7 +14,7 @@ import logging
 import pwd
 from typing import Any, Mapping
 
-from shares.acl import apply_share_acl
+from shares.acl import apply_acls
 from shares.base import KINDS, ServerRunner, ShareKind
 from shares.errors import ValidationErrors
 from shares.model import Protocol, ShareTable
@@ -75,9 +75,7 @@ class ShareService:
             if not directory.is_dir():
                 directory.mkdir(parents=True, exist_ok=True)
                 log.info("%s: created %s", share.name, directory)
-            if share.smb:
-                previous = self.table.get(share.name)
-                apply_share_acl(directory, share, previous if previous and previous.smb else None)
+        apply_acls(self.table, table)
 
     def start(self, table: ShareTable) -> None:
         """Validate, prepare directories and start every server; on failure stop them all."""

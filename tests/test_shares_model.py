@@ -14,6 +14,7 @@ import pytest
 
 from cli.main import main as opie
 from shares import nfs, smb
+from shares.acl import entries, revocations
 from shares.clients import describe, how_to_connect
 from shares.errors import ValidationErrors
 from shares.model import Protocol, Share, ShareTable
@@ -206,3 +207,17 @@ def test_lab_description_urls_and_connect_lines() -> None:
     assert entries[2]["url"] == "nfs://10.0.0.5:20490/docs" and entries[2]["user"] is None
     assert how_to_connect(entries[1]) == "smbclient //10.0.0.5/docs -p 4450 -U labuser%pw"
     assert how_to_connect(entries[2]) == "nfs-ls 'nfs://10.0.0.5/docs?version=4&nfsport=20490'"
+
+
+def test_acl_revocations_per_directory() -> None:
+    old = ShareTable(VOLUMES, (Share("a", "vol1", "x", users=("alice",), groups=("staff",)),
+                               Share("b", "vol1", "x", users=("bob",)),
+                               Share("c", "vol1", "y", users=("carol",))))
+    new = ShareTable(VOLUMES, (Share("b", "vol1", "x", users=("bob",)),
+                               Share("c", "vol1", "z", users=("carol",))))
+    assert revocations(old, new) == {
+        Path("/srv/opie/vol1/x"): {("u", "alice"), ("g", "staff")},
+        Path("/srv/opie/vol1/y"): {("u", "carol")},  # c moved from y to z
+    }
+    assert entries(Share("r", "vol1", read_only=True, users=("bob",))) == \
+        ["u:bob:r-x", "d:u:bob:r-x"]

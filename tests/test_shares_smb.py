@@ -181,11 +181,14 @@ def test_change_applies_while_another_client_stays_connected(lab: SmbLab, tmp_pa
     assert sha256(lab.volume / "docs" / "two") == sha256(two)
     acl = read_acl(lab.volume / "docs")
     assert f"user:{bob}:rwx" in acl and f"default:user:{bob}:rwx" in acl
+    assert f"user:{bob}:rwx" in read_acl(lab.volume / "team")
     # And back: bob is removed from docs, his ACL entries go with him.
     lab.service.apply(lab.table(Share("docs", "vol", "docs", users=(alice,))))
     assert f"user:{bob}:" not in read_acl(lab.volume / "docs")
     refused = lab.client("docs", "bob", "ls")
     assert refused.returncode != 0 and "NT_STATUS_ACCESS_DENIED" in refused.stdout
+    # The deleted share "team" took its grants with it.
+    assert f"user:{bob}:" not in read_acl(lab.volume / "team")
 
 
 def test_bad_input_leaves_running_config_unchanged(lab: SmbLab) -> None:
