@@ -1,7 +1,9 @@
 """Entry point of the `opie` console script.
 
 Command families register themselves from the modules listed in FAMILIES; a
-family whose module is missing is simply absent. Errors meant for the admin
+family whose module is missing is simply absent, and one that fails to import
+is reported and skipped so the other commands keep working. Families import
+their heavy dependencies inside their handlers, keeping `opie --help` fast. Errors meant for the admin
 are raised as `cli.errors.UsageError` / `OpieError` and printed as one line
 (`opie: ...`) with a non-zero exit, never as a traceback.
 """
@@ -37,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:
             if exc.name == f"cli.{name}":
                 continue
-            raise
+            log.warning("'opie %s' is unavailable: %s", name, exc)
+            continue
+        except ImportError as exc:  # one broken family must not take the others down
+            log.warning("'opie %s' is unavailable: %s", name, exc)
+            continue
         module.register(sub)
     return parser
 

@@ -198,6 +198,7 @@ class NBDClient:
         self._pending: dict[int, _Pending] = {}
         self._cookie = 0
         self._transport: asyncio.Transport | None = None
+        self._writer: asyncio.StreamWriter | None = None
         self._proto: _ReplyProtocol | None = None
         self._reconnecting: asyncio.Task | None = None
         self._closed = False
@@ -244,7 +245,14 @@ class NBDClient:
             from nbd import tls as _tls
             tls_context = _tls.client_context(tls_dir)
         self = cls(host, port, export, tls_context, server_hostname, timeout, reconnect_attempts)
-        await asyncio.wait_for(self._connect(), timeout)
+        try:
+            await asyncio.wait_for(self._connect(), timeout)
+        except asyncio.TimeoutError:
+            raise OSError(errno.ETIMEDOUT, f"{self.name}: handshake timed out after {timeout}s") from None
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            # e.g. the server closed after a refused TLS client certificate
+            raise OSError(errno.ECONNRESET, f"{self.name}: server closed the connection during "
+                                            f"the handshake ({exc.__class__.__name__})") from None
         return self
 
     async def _connect(self) -> None:
@@ -284,7 +292,8 @@ class NBDClient:
             raise OSError(errno.EPROTO, f"{self.name}: server sent data before any request")
         transport.set_protocol(proto)
         transport.resume_reading()
-        self._transport, self._proto = transport, proto
+        # Keep the StreamWriter alive: its __del__ would close the transport.
+        self._transport, self._proto, self._writer = transport, proto, writer
         proto.lost.add_done_callback(lambda f, p=proto: self._on_lost(p))
         log.debug("%s: connected (%d bytes, flags %#x)", self.name, info.size, info.flags)
 
