@@ -15,7 +15,9 @@ and `eth0` up; hosts listed in `addressed` get `subnet.network + 1 + index`.
 Processes run in a host with `LabHost.popen`: `nsenter --net` joins the
 host's network namespace and execs the command, which keeps the root mount
 namespace. (`ip netns exec` would give it a private copy of the mount table,
-where a later umount leaves a live copy behind; see DESIGN.) The lab stops
+where a later umount leaves a live copy behind; see DESIGN.) The price:
+/sys still shows the root namespace's network devices, so code in a lab
+host asks netlink (pyroute2), never /sys/class/net. The lab stops
 every process it started, by pid, and deletes its namespaces on exit, also
 when the body raised; `remove_lab(prefix)` clears what a killed run left.
 """
@@ -26,6 +28,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
@@ -37,10 +40,6 @@ from pyroute2 import NetNS, netns
 log = logging.getLogger(__name__)
 
 NETNS_DIR = "/var/run/netns"
-
-
-class LabError(Exception):
-    """The lab could not be built; what was built so far has been removed."""
 
 
 def new_prefix(base: str = "opie") -> str:
@@ -96,7 +95,7 @@ class LabHost:
         with self.ipr() as ipr:
             (link,) = ipr.link("get", ifname=self.ifname)
             found = []
-            for msg in ipr.addr("dump", family=2, index=link["index"]):
+            for msg in ipr.addr("dump", family=socket.AF_INET, index=link["index"]):
                 found.append(ipaddress.IPv4Interface(
                     f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"))
             return found

@@ -222,3 +222,41 @@ def test_server_refuses_and_logs_hostile_input_without_touching_leases(
     refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(refused) == 6 and any("HMAC" in m for m in refused) and any("OUT_OF_POOL" in m for m in refused)
     assert path.read_bytes() == before
+
+
+# -- pool invariants under random traffic ----------------------------------------
+
+OPS = st.lists(st.tuples(st.sampled_from(["offer", "commit", "commit_any", "tick"]),
+                         st.integers(0, 4), st.integers(0, 4), st.integers(10, 14)),
+               max_size=40)
+
+
+@given(OPS)
+def test_pool_never_double_leases(tmp_path_factory: pytest.TempPathFactory,
+                                  ops: list[tuple[str, int, int, int]]) -> None:
+    """Whatever hellos and requests arrive (UUIDs and MACs mixed freely, time passing),
+    no two unexpired leases share an address, a UUID or a MAC, and the file always
+    holds exactly what the pool holds in memory."""
+    tmp = tmp_path_factory.mktemp("pool")
+    clock = Clock()
+    pool = make_pool(tmp, "10.0.0.10-13", clock=clock)
+    uuids = [str(uuidlib.UUID(int=n + 1)) for n in range(5)]
+    macs = [f"02:00:00:00:00:{n:02x}" for n in range(5)]
+    for op, who, mac, host in ops:
+        try:
+            if op == "offer":
+                pool.offer(uuids[who], macs[mac])
+            elif op == "commit":
+                pool.commit(uuids[who], macs[mac], pool.offer(uuids[who], macs[mac]))
+            elif op == "commit_any":
+                pool.commit(uuids[who], macs[mac], IP(f"10.0.0.{host}"))
+            else:
+                clock.now += 40
+        except LeaseRefused:
+            pass
+        live = [x for x in pool.leases() if x.expires > clock.now]
+        for key in ("address", "uuid", "mac"):
+            values = [getattr(x, key) for x in live]
+            assert len(values) == len(set(values)), (key, live)
+        assert all(IP(x.address) in parse_pool("10.0.0.10-13") for x in pool.leases())
+        assert load_leases(str(tmp / "leases.json")) == pool.leases()

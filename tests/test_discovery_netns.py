@@ -48,10 +48,8 @@ def emit(ev: str, **fields: Any) -> None:
 
 
 def isu_main(args: argparse.Namespace) -> None:
-    """Stand-in ISU: lease an address, renew it, answer heartbeats, announce, obey stdin."""
-    from discovery.announce import IsuAnnouncer
-    from discovery.heartbeat import HeartbeatResponder
-    from discovery.record import IsuRecord
+    """Stand-in ISU: lease an address, renew it, announce with heartbeat, obey stdin."""
+    from discovery.presence import IsuPresence
     from isu.addressing import LeaseClient
 
     client = LeaseClient("eth0", bytes.fromhex(args.token), args.state_dir)
@@ -61,29 +59,26 @@ def isu_main(args: argparse.Namespace) -> None:
     emit("leased", address=str(lease.address), expires=lease.expires)
     renewed = client.renew()
     emit("renewed", address=str(renewed.address), expires=renewed.expires)
-    address = str(lease.address.ip)
     stop = threading.Event()
-    with HeartbeatResponder(uuid, address) as hb:
-        record = IsuRecord(str(uuid), address, 10809, hb.port, state="ready", disks=2,
+    presence = IsuPresence(str(uuid), str(lease.address.ip), 10809, state="ready", disks=2,
                            capacity=2 * 10**9, version="0.1.0", config_gen=1,
                            cluster=args.cluster, role=args.role, name=args.name)
-        announcer = IsuAnnouncer(record)
-        emit("announcing")
-        announcer.start()
-        emit("announced")
-        try:
-            for line in sys.stdin:
-                words = line.split()
-                if words[:1] == ["state"]:
-                    emit("updating", state=words[1])
-                    announcer.update(state=words[1], config_gen=announcer.record.config_gen + 1)
-                elif words[:1] == ["keep"]:
-                    threading.Thread(target=client.keep, args=(renewed, stop), daemon=True).start()
-                elif words[:1] == ["quit"]:
-                    break
-        finally:
-            stop.set()
-            announcer.close()
+    emit("announcing")
+    presence.start()
+    emit("announced")
+    try:
+        for line in sys.stdin:
+            words = line.split()
+            if words[:1] == ["state"]:
+                emit("updating", state=words[1])
+                presence.update(state=words[1], config_gen=presence.record.config_gen + 1)
+            elif words[:1] == ["keep"]:
+                threading.Thread(target=client.keep, args=(renewed, stop), daemon=True).start()
+            elif words[:1] == ["quit"]:
+                break
+    finally:
+        stop.set()
+        presence.close()
 
 
 def head_main(args: argparse.Namespace) -> None:
