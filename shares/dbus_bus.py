@@ -9,6 +9,7 @@ run a private loop and must not be called from inside a running loop.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from pathlib import Path
@@ -51,7 +52,8 @@ class PrivateBus:
         self.state_dir = state_dir
         self.socket = state_dir / "bus.sock"
         if len(str(self.socket)) > MAX_SOCKET_PATH:
-            raise CallError(f"dbus: socket path too long for AF_UNIX: {self.socket}", 36)
+            raise CallError(f"dbus: socket path too long for AF_UNIX: {self.socket}",
+                            errno.ENAMETOOLONG)
         self.address = f"unix:path={self.socket}"
         self.child = Child("dbus-daemon", ["dbus-daemon", f"--config-file={state_dir / 'bus.conf'}",
                                            "--nofork", "--print-address=1"],
@@ -84,17 +86,17 @@ async def async_call(address: str, destination: str, path: str, interface: str, 
     try:
         bus = await MessageBus(bus_address=address).connect()
     except (OSError, Exception) as exc:  # dbus-next raises bare Exceptions on auth failure
-        raise CallError(f"dbus {address}: {exc}", 111) from exc
+        raise CallError(f"dbus {address}: {exc}", errno.ECONNREFUSED) from exc
     try:
         reply = await bus.call(Message(destination=destination, path=path, interface=interface,
                                        member=member, signature=signature, body=list(body)))
     finally:
         bus.disconnect()
     if reply is None:
-        raise CallError(f"dbus {member}: no reply", 5)
+        raise CallError(f"dbus {member}: no reply", errno.EIO)
     if reply.message_type == MessageType.ERROR:
         detail = reply.body[0] if reply.body else ""
-        raise CallError(f"dbus {member}: {reply.error_name}: {detail}", 5)
+        raise CallError(f"dbus {member}: {reply.error_name}: {detail}", errno.EIO)
     return list(reply.body)
 
 
@@ -107,4 +109,4 @@ def call(address: str, destination: str, path: str, interface: str, member: str,
     try:
         return asyncio.run(bounded())
     except asyncio.TimeoutError as exc:
-        raise CallError(f"dbus {member}: no reply in {timeout:.0f} s", 110) from exc
+        raise CallError(f"dbus {member}: no reply in {timeout:.0f} s", errno.ETIMEDOUT) from exc

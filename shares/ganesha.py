@@ -12,6 +12,7 @@ ESTALE window); Ganesha cannot update a Path in place.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -40,7 +41,8 @@ def listening(pid: int, port: int) -> bool:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if len(fields) > 3 and fields[3] == "0A" and \
+                    int(fields[1].rsplit(":", 1)[1], 16) == port:
                 return True
     return False
 
@@ -99,7 +101,7 @@ class GaneshaRunner(ServerRunner):
     def start(self, table: ShareTable) -> None:
         """Write ganesha.conf and start the servers; returns once NFS and D-Bus answer."""
         if self.running:
-            raise CallError(f"ganesha: already running as pid {self.pid}", 17)
+            raise CallError(f"ganesha: already running as pid {self.pid}", errno.EEXIST)
         (self.state / "recovery").mkdir(parents=True, exist_ok=True)
         write_atomic(self.settings.conf_path, render(table, self.settings))
         try:
@@ -134,7 +136,7 @@ class GaneshaRunner(ServerRunner):
     def apply(self, table: ShareTable) -> None:
         """Move the running Ganesha to `table`, touching only exports that changed."""
         if not self.running:
-            raise CallError("ganesha: not running", 3)
+            raise CallError("ganesha: not running", errno.ESRCH)
         conf = self.settings.conf_path
         write_atomic(conf, render(table, self.settings))
         wanted = self._render_exports(table)

@@ -124,7 +124,7 @@ class Share:
                 value = default
             flags[key] = value
         export_id = data.get("export_id")
-        if export_id is not None and (not isinstance(export_id, int) or isinstance(export_id, bool)):
+        if export_id is not None and (type(export_id) is not int):
             errors.add("export_id", "must be an integer")
             export_id = None
         for key in ("path", "comment"):

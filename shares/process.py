@@ -7,6 +7,7 @@ falls back to SIGKILL; it returns once the process is gone.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -23,15 +24,18 @@ log = logging.getLogger(__name__)
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str,
              alive: Callable[[], bool] = lambda: True, interval: float = 0.05) -> None:
-    """Poll `condition` until true; CallError(ETIMEDOUT) after `timeout` s or if `alive` turns false."""
+    """Poll `condition` until true.
+
+    CallError(ETIMEDOUT) after `timeout` s, CallError(EIO) once `alive` turns false.
+    """
     deadline = time.monotonic() + timeout
     while True:
         if condition():
             return
         if not alive():
-            raise CallError(f"{what}: process exited", 5)
+            raise CallError(f"{what}: process exited", errno.EIO)
         if time.monotonic() > deadline:
-            raise CallError(f"{what}: not ready after {timeout:.0f} s", 110)
+            raise CallError(f"{what}: not ready after {timeout:.0f} s", errno.ETIMEDOUT)
         time.sleep(interval)
 
 
@@ -151,7 +155,7 @@ class Child:
 
     def start(self) -> None:
         if self.alive:
-            raise CallError(f"{self.name}: already running as pid {self.pid}", 17)
+            raise CallError(f"{self.name}: already running as pid {self.pid}", errno.EEXIST)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             try:
@@ -159,7 +163,7 @@ class Child:
                                              stderr=subprocess.STDOUT, env=self.env)
             except OSError as exc:
                 raise CallError(f"{self.name}: cannot run {self.argv[0]}: {exc}",
-                                exc.errno or 5) from exc
+                                exc.errno or errno.EIO) from exc
         log.info("%s: started pid %d", self.name, self.proc.pid)
 
     def log_tail(self, lines: int = 20) -> str:
@@ -188,8 +192,8 @@ def run(argv: Sequence[str], what: str, stdin: bytes | None = None,
         done = subprocess.run(list(argv), input=stdin, capture_output=True, timeout=timeout,
                               env=dict(env) if env is not None else None)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CallError(f"{what}: {exc}", getattr(exc, "errno", None) or 5) from exc
+        raise CallError(f"{what}: {exc}", getattr(exc, "errno", None) or errno.EIO) from exc
     if done.returncode != 0:
         message = (done.stderr or done.stdout).decode(errors="replace").strip()
-        raise CallError(f"{what}: {argv[0]} exited {done.returncode}: {message[-400:]}", 5)
+        raise CallError(f"{what}: {argv[0]} exited {done.returncode}: {message[-400:]}", errno.EIO)
     return done.stdout.decode(errors="replace")

@@ -9,6 +9,7 @@ its pid file, as are the `rpcd_*` helpers it leaves behind.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -17,8 +18,8 @@ from shares.base import ServerRunner
 from shares.errors import CallError
 from shares.files import write_atomic
 from shares.model import ShareTable
-from shares.process import Child, Launcher, ServerProcess, cmdline, pid_alive, run, stop_pid, stop_pidfile, tcp_open, \
-    wait_for
+from shares.process import (Child, Launcher, ServerProcess, cmdline, pid_alive, run, stop_pid,
+                            stop_pidfile, tcp_open, wait_for)
 from shares.smb import STATE_SUBDIRS, SmbSettings, render
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class SmbdRunner(ServerRunner):
     def start(self, table: ShareTable) -> None:
         """Write smb.conf, start smbd and return once it accepts connections."""
         if self.running:
-            raise CallError(f"smbd: already running as pid {self.pid}", 17)
+            raise CallError(f"smbd: already running as pid {self.pid}", errno.EEXIST)
         conf = write_config(self.settings, table)
         self.child = self.launcher("smbd", ["smbd", "--foreground", "--debug-stdout", "-s",
                                             str(conf)],
@@ -80,7 +81,7 @@ class SmbdRunner(ServerRunner):
         """Rewrite smb.conf and tell the running smbd (and its connections) to reload it."""
         conf = write_config(self.settings, table)
         if not self.running or self.pid is None:
-            raise CallError("smbd: not running", 3)
+            raise CallError("smbd: not running", errno.ESRCH)
         run(["smbcontrol", f"--configfile={conf}", str(self.pid), "reload-config"],
             "smbd reload-config")
         log.info("smbd: reloaded config, %d shares", len(table.smb_shares()))

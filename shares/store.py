@@ -6,6 +6,7 @@ atomically, so a crash leaves the old or the new file, never a torn one.
 from __future__ import annotations
 
 import json
+import errno
 import logging
 from pathlib import Path
 
@@ -49,5 +50,5 @@ def save_table(path: Path, table: ShareTable) -> None:
     try:
         write_atomic(path, text)
     except OSError as exc:
-        raise CallError(f"cannot write {path}: {exc}", exc.errno or 5) from exc
+        raise CallError(f"cannot write {path}: {exc}", exc.errno or errno.EIO) from exc
     log.info("shares config %s: %d shares", path, len(table.shares))

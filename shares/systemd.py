@@ -11,6 +11,7 @@ Unit/Service properties ActiveState and MainPID.
 from __future__ import annotations
 
 import hashlib
+import errno
 import logging
 import os
 import time
@@ -97,7 +98,8 @@ class SystemdUnit:
         deadline = time.monotonic() + timeout
         while self.alive:
             if time.monotonic() > deadline:
-                raise CallError(f"{self.unit}: still running {timeout:.0f} s after StopUnit", 110)
+                raise CallError(f"{self.unit}: still running {timeout:.0f} s after StopUnit",
+                                errno.ETIMEDOUT)
             time.sleep(0.05)
         log.info("%s: stopped %s", self.name, self.unit)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import errno
 import logging
 import pwd
 import grp
@@ -73,7 +74,8 @@ class UserManager:
             except FileNotFoundError:
                 users = {}
             except (ValueError, KeyError, TypeError) as exc:
-                raise CallError(f"users store {self.store_path} is corrupt: {exc}", 74) from exc
+                raise CallError(f"users store {self.store_path} is corrupt: {exc}",
+                                errno.EBADMSG) from exc
             before = json.dumps(users, sort_keys=True)
             yield users
             if json.dumps(users, sort_keys=True) != before:
@@ -83,7 +85,7 @@ class UserManager:
 
     def _need_conf(self) -> None:
         if not self.smb_conf.is_file():
-            raise CallError(f"no smb.conf at {self.smb_conf}", 2)
+            raise CallError(f"no smb.conf at {self.smb_conf}", errno.ENOENT)
 
     def _smbpasswd(self, args: list[str], name: str, password: str | None, what: str) -> None:
         stdin = f"{password}\n{password}\n".encode() if password is not None else None

@@ -150,7 +150,8 @@ def test_export_ids_are_assigned_and_kept() -> None:
     ids = {s.name: s.export_id for s in table.shares if s.nfs}
     assert ids == {"docs": 1, "backup": 2}
     # Re-adding a changed share keeps its id; a new share gets the lowest free one.
-    changed = table.with_share(Share("docs", "vol1", "docs2", Protocol.NFS, networks=("10.0.0.0/8",)))
+    changed = table.with_share(Share("docs", "vol1", "docs2", Protocol.NFS,
+                                     networks=("10.0.0.0/8",)))
     assert changed.get("docs").export_id == 1
     freed = table.without_share("docs").with_share(
         Share("new", "vol1", "n", Protocol.NFS, networks=("10.0.0.0/8",)))
