@@ -16,6 +16,7 @@ from typing import Any
 
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
+from discovery.lifecycle import Service
 from discovery.record import SERVICE_TYPE, IsuRecord
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def _service_info(record: IsuRecord) -> ServiceInfo:
                        addresses=[socket.inet_aton(record.address)])
 
 
-class IsuAnnouncer:
+class IsuAnnouncer(Service):
     """Announce `record` on the interface holding `record.address`.
 
     `start` returns once the service is registered (after mDNS probing,
@@ -38,13 +39,6 @@ class IsuAnnouncer:
         self.record = record
         self._lock = threading.Lock()
         self._zc: Zeroconf | None = None
-
-    def __enter__(self) -> IsuAnnouncer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> None:
         self._zc = Zeroconf(interfaces=[self.record.address], ip_version=IPVersion.V4Only)

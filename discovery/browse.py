@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
+from discovery.lifecycle import Service
 from discovery.record import SERVICE_TYPE, BadAnnouncement, IsuClass, IsuRecord, classify, from_txt
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class DiscoveryEvent:
     isu_class: IsuClass
 
 
-class IsuBrowser:
+class IsuBrowser(Service):
     """Browse on the interface with IPv4 `interface_address` for the head of `cluster_id`."""
 
     def __init__(self, interface_address: str, cluster_id: str,
@@ -49,13 +50,6 @@ class IsuBrowser:
         self._rejected: set[str] = set()
         self._zc: Zeroconf | None = None
         self._browser: ServiceBrowser | None = None
-
-    def __enter__(self) -> IsuBrowser:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> None:
         self._zc = Zeroconf(interfaces=[self.interface_address], ip_version=IPVersion.V4Only)

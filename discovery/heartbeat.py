@@ -31,6 +31,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from discovery.lifecycle import Service
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"OPHB"
@@ -71,7 +73,7 @@ def decode(data: bytes) -> Beat:
     return Beat(kind, seq, uuidlib.UUID(bytes=raw_uuid))
 
 
-class _Worker:
+class _Worker(Service):
     """One UDP socket served by one thread until `stop`."""
 
     def __init__(self, bind: tuple[str, int], name: str) -> None:
@@ -87,7 +89,7 @@ class _Worker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
@@ -134,13 +136,6 @@ class HeartbeatResponder(_Worker):
         super().__init__((address, port), "heartbeat-responder")
         self.uuid = uuid
 
-    def __enter__(self) -> HeartbeatResponder:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def on_beat(self, beat: Beat, sender: tuple[str, int]) -> None:
         if beat.kind == PING and beat.uuid == self.uuid:
             try:
@@ -178,13 +173,6 @@ class LivenessMonitor(_Worker):
         self._seq = 0
         self._next_ping = 0.0
         self._last_tick = 0.0
-
-    def __enter__(self) -> LivenessMonitor:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def watch(self, uuid: str, address: tuple[str, int]) -> None:
         """Start (or re-target) heartbeats to the ISU `uuid` at `address`."""

@@ -16,13 +16,14 @@ import threading
 from discovery.lease_pool import LeasePool, LeaseRefused
 from discovery.lease_proto import (ANY, LEASE_CLIENT_PORT, LEASE_SERVER_PORT, Kind,
                                    LeaseMessage, LeaseProtocolError, decode, encode)
+from discovery.lifecycle import Service
 from discovery.netutil import broadcast_socket
 
 log = logging.getLogger(__name__)
 
 
-class LeaseServer:
-    """Serve `pool` on `ifname`; use as a context manager or start()/stop().
+class LeaseServer(Service):
+    """Serve `pool` on `ifname`; use as a context manager or start()/close().
 
     `head` is the (address, port) handed to ISUs in offers and acks so they
     know where the head's API is. Replies are broadcast to LEASE_CLIENT_PORT.
@@ -43,13 +44,6 @@ class LeaseServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> LeaseServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self) -> None:
         self._sock = broadcast_socket(self.ifname, self.port)
         self._thread = threading.Thread(target=self._run, name="lease-server", daemon=True)
@@ -57,7 +51,7 @@ class LeaseServer:
         log.info("lease server on %s:%d, pool %s..%s", self.ifname, self.port,
                  self.pool.pool[0], self.pool.pool[-1])
 
-    def stop(self) -> None:
+    def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

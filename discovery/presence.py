@@ -13,12 +13,13 @@ from typing import Any
 
 from discovery.announce import IsuAnnouncer
 from discovery.heartbeat import HeartbeatResponder
+from discovery.lifecycle import Service
 from discovery.record import IsuRecord
 
 log = logging.getLogger(__name__)
 
 
-class IsuPresence:
+class IsuPresence(Service):
     """Announce ISU `uuid` at `address` (agent port `port`) with TXT `fields`, and answer heartbeats.
 
     `fields` are the other IsuRecord fields (state, disks, capacity, version,
@@ -33,19 +34,12 @@ class IsuPresence:
     def record(self) -> IsuRecord:
         return self._announcer.record
 
-    def __enter__(self) -> IsuPresence:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def start(self) -> None:
         self._responder.start()
         try:
             self._announcer.start()
         except BaseException:
-            self._responder.stop()
+            self._responder.close()
             raise
 
     def update(self, **changes: Any) -> IsuRecord:
@@ -57,4 +51,4 @@ class IsuPresence:
         try:
             self._announcer.close()
         finally:
-            self._responder.stop()
+            self._responder.close()

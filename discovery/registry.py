@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from discovery.browse import DiscoveryEvent, EventKind, IsuBrowser
 from discovery.heartbeat import LivenessMonitor
+from discovery.lifecycle import Service
 from discovery.record import IsuClass, IsuRecord, classify
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class IsuView:
     alive: bool
 
 
-class IsuRegistry:
+class IsuRegistry(Service):
     """Discover and watch ISUs from the head at `interface_address` for `cluster_id`."""
 
     def __init__(self, interface_address: str, cluster_id: str,
@@ -58,20 +59,13 @@ class IsuRegistry:
         self._liveness = LivenessMonitor(self._on_dead, self._on_alive, bind_address=interface_address,
                                          interval=interval, timeout=timeout)
 
-    def __enter__(self) -> IsuRegistry:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def start(self) -> None:
         self._liveness.start()
         self._browser.start()
 
     def close(self) -> None:
         self._browser.close()
-        self._liveness.stop()
+        self._liveness.close()
 
     def isus(self) -> dict[str, IsuView]:
         """Every ISU currently known, by UUID."""

@@ -82,15 +82,15 @@ def test_liveness_monitor_declares_dead_once_and_alive_again() -> None:
         mon.watch(str(uuidlib.UUID(int=1)), ("127.0.0.1", other.port))
         time.sleep(0.6)
         assert mon.is_alive(U) and not mon.is_alive(str(uuidlib.UUID(int=1)))
-        responder.stop()
+        responder.close()
         time.sleep(0.6)
         assert not mon.is_alive(U)
         revived = heartbeat.HeartbeatResponder(u, "127.0.0.1", port)
         revived.start()
         time.sleep(0.4)
         assert mon.is_alive(U)
-        revived.stop()
-        other.stop()
+        revived.close()
+        other.close()
     assert [e for e in events if e[1] == U] == [("dead", U), ("alive", U)]
 
 
@@ -117,4 +117,4 @@ def test_a_starved_monitor_does_not_declare_deaths_it_caused() -> None:
         mon.tick()
         assert dead == [U]                    # reported once
     finally:
-        mon.stop()
+        mon.close()
