@@ -1,0 +1,223 @@
+"""`opie lab up`: a whole cluster on one machine, as child processes on
+loopback. For now the lab starts the ISUs; later issues add the head, the
+array, volumes and shares to the same runner.
+
+Layout of a lab directory:
+    DIR/lab.json          what runs and how to reach it (rewritten on changes)
+    DIR/ca/               the lab's cluster CA (created once, kept)
+    DIR/tls/              admin/head certificates: nbdinfo/nbdcopy accept it as
+                          ?tls-certificates=DIR/tls on nbds:// URIs
+    DIR/isuN/             ISU N: state (identity), tls/, disk0.img, isu.log (its log),
+                          isu.out (its JSON events)
+
+Contract: `up` refuses to start over a lab whose processes are still alive;
+disks and identities in DIR are reused, so data survives a restart. Every
+child runs in its own session (Ctrl-C reaches only the runner, which stops
+the children by pid); `down` stops the processes listed in lab.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nbd import tls
+
+log = logging.getLogger(__name__)
+
+LAB_JSON = "lab.json"
+READY_TIMEOUT = 30.0
+
+
+class LabError(Exception):
+    """The lab cannot start or stop as asked; nothing was changed."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours counts as dead
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def read_lab(directory: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(directory) / LAB_JSON
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise LabError(f"{path}: not valid JSON ({exc}); remove it to start afresh") from None
+
+
+def lab_pids(lab: dict[str, Any]) -> list[int]:
+    pids = [i["pid"] for i in lab.get("isus", [])] + [h["pid"] for h in lab.get("heads", [])]
+    return [p for p in pids if isinstance(p, int)]
+
+
+def _write_lab(directory: Path, lab: dict[str, Any]) -> None:
+    tmp = directory / (LAB_JSON + ".tmp")
+    tmp.write_text(json.dumps(lab, indent=2) + "\n")
+    os.replace(tmp, directory / LAB_JSON)
+
+
+def _wait_ready(proc: subprocess.Popen, out_path: Path, log_path: Path, timeout: float) -> dict[str, Any]:
+    """Wait (bounded) for the child's JSON ready line in its stdout file."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in out_path.read_bytes().splitlines():
+            if line.startswith(b"{"):
+                msg = json.loads(line)
+                if msg.get("event") == "ready":
+                    return msg
+        if proc.poll() is not None:
+            raise LabError(f"process exited with {proc.returncode}; see {log_path}:\n"
+                           + log_path.read_text()[-1500:])
+        time.sleep(0.05)
+    raise LabError(f"not ready after {timeout}s; see {log_path}")
+
+
+class Lab:
+    """Starts and supervises the processes of one lab directory."""
+
+    def __init__(self, directory: str | os.PathLike, isus: int = 5, disk_size: str = "2G"):
+        if isus < 1:
+            raise LabError("a lab needs at least one ISU")
+        self.dir = Path(directory).resolve()
+        self.n_isus = isus
+        self.disk_size = disk_size
+        self.procs: list[subprocess.Popen] = []
+        self.lab: dict[str, Any] = {}
+
+    def _certificates(self) -> Path:
+        ca = self.dir / "ca"
+        if not (ca / tls.CA_CERT).exists():
+            tls.create_ca(ca, name=f"Opie lab CA ({self.dir.name})")
+        admin = self.dir / "tls"
+        tls.issue(ca, admin, client_name="opie-lab-admin")
+        return ca
+
+    def _start_isu(self, index: int, ca: Path) -> dict[str, Any]:
+        home = self.dir / f"isu{index}"
+        home.mkdir(parents=True, exist_ok=True)
+        tls_dir = home / "tls"
+        tls.issue(ca, tls_dir, client_name=f"opie-lab-isu{index}")
+        disk = home / "disk0.img"
+        spec = str(disk) if disk.exists() else f"{disk}:{self.disk_size}"
+        log_path, out_path = home / "isu.log", home / "isu.out"
+        with open(log_path, "ab") as logf, open(out_path, "wb") as outf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cli.main", "-v", "isu", "serve", "--disk", spec,
+                 "--listen", "127.0.0.1:0", "--state-dir", str(home), "--tls-dir", str(tls_dir)],
+                stdout=outf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(proc)
+        ready = _wait_ready(proc, out_path, log_path, READY_TIMEOUT)
+        return {"name": f"isu{index}", "uuid": ready["uuid"], "pid": proc.pid, "listen": ready["listen"],
+                "exports": ready["exports"], "log": str(log_path)}
+
+    def up(self) -> dict[str, Any]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        old = read_lab(self.dir)
+        if old:
+            alive = [p for p in lab_pids(old) if _alive(p)]
+            if alive:
+                raise LabError(f"a lab is already running in {self.dir} (pids {', '.join(map(str, alive))}); "
+                               f"stop it with: opie lab down --dir {self.dir}")
+        ca = self._certificates()
+        self.lab = {"dir": str(self.dir), "isus": [], "heads": [], "volumes": [], "shares": [],
+                    "tls_certificates": str(self.dir / "tls"), "started": int(time.time())}
+        try:
+            for i in range(self.n_isus):
+                self.lab["isus"].append(self._start_isu(i, ca))
+                _write_lab(self.dir, self.lab)
+        except BaseException:
+            self.down()
+            raise
+        return self.lab
+
+    def down(self) -> None:
+        """Stop our children by pid (SIGTERM, then SIGKILL after 10 s)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        if self.lab:
+            self.lab["stopped"] = int(time.time())
+            _write_lab(self.dir, self.lab)
+
+    def wait(self) -> int:
+        """Block until Ctrl-C / SIGTERM or until a child dies; then stop all."""
+        stop = {"signal": None}
+
+        def handler(signum, _frame):
+            stop["signal"] = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while stop["signal"] is None:
+                dead = [p for p in self.procs if p.poll() is not None]
+                if dead:
+                    log.error("lab process %d exited with %s; stopping the lab", dead[0].pid, dead[0].returncode)
+                    return 1
+                time.sleep(0.2)
+            return 0
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.down()
+
+
+def down(directory: str | os.PathLike, timeout: float = 15.0) -> list[int]:
+    """Stop the lab recorded in DIR/lab.json (from another shell)."""
+    d = Path(directory).resolve()
+    lab = read_lab(d)
+    if lab is None:
+        raise LabError(f"no lab in {d} (no {LAB_JSON})")
+    pids = [p for p in lab_pids(lab) if _alive(p)]
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for p in pids:
+        if _alive(p):
+            os.kill(p, signal.SIGKILL)
+    return pids
+
+
+def summary(lab: dict[str, Any]) -> str:
+    t = lab["tls_certificates"]
+    lines = [f"Opie lab in {lab['dir']}", ""]
+    for isu in lab["isus"]:
+        lines.append(f"  {isu['name']}  {isu['uuid']}  pid {isu['pid']}")
+        for e in isu["exports"]:
+            lines.append(f"      {e}")
+    first = lab["isus"][0]["exports"][0] if lab["isus"] else None
+    lines += ["", f"TLS certificates for clients: {t}"]
+    if first:
+        lines.append(f"  try:  nbdinfo '{first}?tls-certificates={t}'")
+    lines += [f"lab.json: {lab['dir']}/{LAB_JSON}",
+              f"Stop with Ctrl-C, or from another shell: opie lab down --dir {lab['dir']}"]
+    return "\n".join(lines)
