@@ -49,7 +49,9 @@ class Geometry:
         pages = catalog_pages + table_pages
         whole_txn = journal_header_blocks(pages) + pages
         if journal_blocks is None:
-            journal_blocks = max(MIN_JOURNAL_BLOCKS, 2 * whole_txn)
+            # 1 MiB, or a 16th of a small device, but always two whole transactions
+            small = device_size // 16 // META_BLOCK
+            journal_blocks = max(min(MIN_JOURNAL_BLOCKS, small), 2 * whole_txn)
         if journal_blocks < whole_txn:
             raise ValidationError("journal_blocks",
                                   f"must be >= {whole_txn} to hold every page, got {journal_blocks}")

@@ -161,6 +161,7 @@ class CatalogRecord:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CatalogRecord:
+        _check("catalog record length", CATALOG_RECORD, len(data))
         kind, id_, source, size, epoch, created, raw = _CATALOG.unpack_from(data)
         if kind not in (KIND_EMPTY, KIND_VOLUME, KIND_SNAPSHOT):
             raise IntegrityError(f"catalog record kind: expected 0, 1 or 2, got {kind}")
@@ -237,6 +238,8 @@ class JournalHeader:
     @classmethod
     def from_bytes(cls, txn: bytes) -> tuple[JournalHeader, bytes]:
         """Check a whole transaction; return its header and its page images."""
+        if len(txn) < META_BLOCK:
+            raise IntegrityError(f"journal length: expected >= {META_BLOCK}, got {len(txn)}")
         magic, version, seq, raw_uuid, npages, nblocks, crc = _JOURNAL.unpack_from(txn)
         _check("journal magic", _JOURNAL_MAGIC, magic)
         _check("journal version", VERSION, version)
