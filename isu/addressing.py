@@ -148,8 +148,11 @@ def interface_mac(ifname: str) -> str:
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
-        links = ipr.link("get", ifname=ifname)
-        return str(links[0].get_attr("IFLA_ADDRESS"))
+        links = ipr.link_lookup(ifname=ifname)
+        if not links:
+            raise ConfigError(f"no interface {ifname!r} on this ISU")
+        (link,) = ipr.link("get", index=links[0])
+        return str(link.get_attr("IFLA_ADDRESS"))
 
 
 def apply_address(ifname: str, address: ipaddress.IPv4Interface) -> None:
@@ -271,10 +274,18 @@ class LeaseClient:
         A refused renewal leads to a fresh `acquire`; a server that does not
         answer is retried until the lease has expired, then a fresh
         `acquire` is tried. When the address changes, `on_new_address` is
-        called (the announcer and heartbeat must move). Errors are logged,
-        never raised.
+        called (the announcer and heartbeat must move). Returns when `stop`
+        is set or when the admin set a static address on the console (the
+        persisted source is no longer "lease"). Errors are logged, never raised.
         """
         while not stop.wait(max(0.5, (lease.expires - time.time()) / 2)):
+            try:
+                if read_network(self.state_dir).source != "lease":
+                    log.info("%s: address set on the console; lease no longer kept", self.ifname)
+                    return
+            except ConfigError as exc:
+                log.error("%s: cannot read the ISU config: %s", self.ifname, exc)
+                continue
             before = lease.address
             try:
                 try:
