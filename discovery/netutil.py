@@ -1,4 +1,4 @@
-"""Socket helpers shared by the lease server, the ISU lease client and the heartbeat."""
+"""Socket helpers shared by the lease server and the ISU lease client."""
 from __future__ import annotations
 
 import socket
@@ -21,15 +21,3 @@ def broadcast_socket(ifname: str, port: int) -> socket.socket:
         raise
     return sock
 
-
-def interface_ipv4(ifname: str) -> str | None:
-    """The first IPv4 address on `ifname` in this network namespace, or None."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        links = ipr.link_lookup(ifname=ifname)
-        if not links:
-            return None
-        for msg in ipr.addr("dump", family=socket.AF_INET, index=links[0]):
-            return str(msg.get_attr("IFA_ADDRESS"))
-    return None

@@ -18,6 +18,7 @@ changes nothing. Settings go to the same ISU config (`isu.json`, through
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -77,7 +78,7 @@ class ConsoleServer:
 
     def __init__(self, port: Port, state_dir: str,
                  status: Callable[[], dict[str, str]] | None = None,
-                 apply_address: Callable[[object], None] | None = None) -> None:
+                 apply_address: Callable[[ipaddress.IPv4Interface], None] | None = None) -> None:
         self.port = port
         self.state_dir = state_dir
         self.status = status

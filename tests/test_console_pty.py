@@ -33,7 +33,7 @@ class RunningConsole:
         self.server = ConsoleServer(self.port, str(state_dir),
                                     status=lambda: {"uuid": identity.load(state_dir)["uuid"],
                                                     "state": "unconfigured"},
-                                    apply_address=self.applied.append)  # type: ignore[arg-type]
+                                    apply_address=self.applied.append)
         self.thread = threading.Thread(target=self.server.serve, daemon=True)
         self.thread.start()
 
