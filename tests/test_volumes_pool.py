@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from head.volumes import (FileDevice, MemoryDevice, NotFoundError, Pool, ValidationError)
+from head.volumes import (CrashDevice, FileDevice, MemoryDevice, NotFoundError, Pool,
+                          ValidationError)
 
 SEG = 16 * 1024
 
@@ -249,4 +250,28 @@ def test_check_reports_a_leak_and_a_double_owner() -> None:
         owned = pool._table.lineages[1].live[0]
         pool._alloc.give_back([owned])             # mapped and on the free list
         assert any("free but owned" in p for p in pool.check().problems)
+    run(body())
+
+
+def test_fua_write_racing_a_commit_is_durable() -> None:
+    """A FUA overwrite of a segment whose mapping a concurrent commit is
+    making durable: the commit may flush before this write's data lands, so
+    the write must still end in its own flush."""
+    class SlowDataWrites(CrashDevice):
+        async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+            if len(data) < SEG:                # the small in-place data write is slow
+                for _ in range(20):
+                    await asyncio.sleep(0)
+            await super().write(offset, data, fua)
+
+    async def body() -> None:
+        dev = SlowDataWrites(2 << 20)
+        pool = await Pool.format(dev, segment_size=SEG, max_entries=31)
+        await pool.create_volume("v", 4 * SEG)
+        vol = pool.open_volume("v")
+        await vol.write(0, b"a" * SEG)                 # placed, mapping not yet durable
+        await asyncio.gather(vol.flush(), vol.write(100, b"FUA", fua=True))
+        image = dev.crash_image(random.Random(0), keep=0.0, tear=False)
+        after = await Pool.open(CrashDevice(len(image), image))
+        assert await after.open_volume("v").read(98, 7) == b"aaFUAaa"
     run(body())

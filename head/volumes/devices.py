@@ -42,7 +42,7 @@ class MemoryDevice:
 
     async def read(self, offset: int, length: int) -> bytes:
         check_range(self.size, offset, length)
-        return bytes(self.buf[offset:offset + length])
+        return bytes(memoryview(self.buf)[offset:offset + length])
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         check_range(self.size, offset, len(data))

@@ -23,7 +23,8 @@ import uuid as uuidlib
 from head.volumes.devices import BlockDevice
 from head.volumes.errors import IntegrityError
 from head.volumes.layout import Geometry
-from head.volumes.records import META_BLOCK, JournalHeader, Superblock, journal_header_blocks
+from head.volumes.records import (META_BLOCK, TABLE_PER_PAGE, JournalHeader, Superblock,
+                                  journal_header_blocks)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class MetaStore:
             raise IntegrityError(f"device size: expected >= {sb.device_size}, got {device.size}")
         geo = Geometry(sb.device_size, sb.segment_size, sb.catalog_pages, sb.table_pages,
                        sb.journal_blocks, sb.segment_count)
+        cls._check_geometry(geo)
         raw = await device.read(geo.page_offset(0), geo.meta_pages * META_BLOCK)
         pages = [raw[i * META_BLOCK:(i + 1) * META_BLOCK] for i in range(geo.meta_pages)]
         unplaced: dict[int, bytes] = {}
@@ -109,6 +111,19 @@ class MetaStore:
             log.info("pool %s: replayed journal transactions %d..%d", sb.pool_uuid,
                      sb.journal_seq, seq - 1)
         return cls(device, geo, sb, head, seq, unplaced), pages
+
+    @staticmethod
+    def _check_geometry(geo: Geometry) -> None:
+        """A superblock with a good CRC can still describe an impossible layout."""
+        if geo.segment_size < META_BLOCK or geo.segment_size & (geo.segment_size - 1):
+            raise IntegrityError(f"superblock segment_size: expected a power of two "
+                                 f">= {META_BLOCK}, got {geo.segment_size}")
+        if geo.table_pages * TABLE_PER_PAGE < geo.segment_count:
+            raise IntegrityError(f"superblock table_pages: expected >= "
+                                 f"{-(-geo.segment_count // TABLE_PER_PAGE)}, got {geo.table_pages}")
+        end = geo.segment_offset(geo.segment_count)
+        if end > geo.device_size:
+            raise IntegrityError(f"superblock layout end: expected <= {geo.device_size}, got {end}")
 
     @staticmethod
     async def _read_txn(device: BlockDevice, geo: Geometry, sb: Superblock, head: int,

@@ -233,7 +233,7 @@ class Pool:
         seg = self.segment_size
         async with self._manage_lock, vs.gate.frozen():
             if size < vs.size:
-                if size % seg:
+                if size % seg and self._table.visible(vs.id, size // seg) is not None:
                     tail = min(vs.size, -(-size // seg) * seg) - size
                     await write_locked(self, vs, size, bytes(tail), False)
                 self._alloc.defer(self._table.truncate(vs.id, -(-size // seg)))

@@ -53,6 +53,19 @@ async def read_view(pool: Pool, vid: int, epoch: int | None, offset: int, length
     return bytes(out)
 
 
+async def _surround(pool: Pool, phys: int | None, at: int, piece: bytes) -> bytes:
+    """A whole segment: `piece` at `at`, the rest from segment `phys` (zeros if None).
+    Reads only the bytes the piece does not cover."""
+    seg = pool.segment_size
+    end = at + len(piece)
+    if phys is None:
+        return b"".join((bytes(at), piece, bytes(seg - end)))
+    src = pool._geo.segment_offset(phys)
+    head = await pool._dev.read(src, at) if at else b""
+    tail = await pool._dev.read(src + end, seg - end) if end < seg else b""
+    return b"".join((head, piece, tail))
+
+
 async def write_locked(pool: Pool, vs: VolumeState, offset: int, data: bytes, fua: bool) -> None:
     """The write path; the caller holds the volume's write gate."""
     seg = pool.segment_size
@@ -68,24 +81,19 @@ async def write_locked(pool: Pool, vs: VolumeState, offset: int, data: bytes, fu
             plan.append((logical, at, done, n, phys, in_place))
         fresh = await pool._reserve(fresh_needed)
         placed: list[tuple[int, int]] = []
+        # a FUA piece whose segment's mapping is not yet durable needs a commit
+        needs_commit = fua and fresh_needed > 0
         try:
             for logical, at, done, n, phys, in_place in plan:
                 piece = data[done:done + n]
                 if in_place and phys is not None:
-                    durable_now = fua and phys not in pool._unsettled
+                    unsettled = phys in pool._unsettled
+                    needs_commit |= fua and unsettled
                     await pool._dev.write(pool._geo.segment_offset(phys) + at, piece,
-                                          fua=durable_now)
+                                          fua=fua and not unsettled)
                     continue
                 new = fresh[len(placed)]
-                if n == seg:
-                    buf = piece
-                else:
-                    if phys is None:
-                        whole = bytearray(seg)
-                    else:
-                        whole = bytearray(await pool._dev.read(pool._geo.segment_offset(phys), seg))
-                    whole[at:at + n] = piece
-                    buf = whole
+                buf = piece if n == seg else await _surround(pool, phys, at, piece)
                 await pool._dev.write(pool._geo.segment_offset(new), buf)
                 placed.append((logical, new))
         except BaseException:
@@ -94,8 +102,6 @@ async def write_locked(pool: Pool, vs: VolumeState, offset: int, data: bytes, fu
         for logical, new in placed:
             pool._alloc.defer(table.place(vs.id, logical, new))
             pool._unsettled.add(new)
-        needs_commit = fua and (placed or any(
-            p[4] in pool._unsettled for p in plan if p[5]))
     if needs_commit:
         await pool.commit()
 
