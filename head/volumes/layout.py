@@ -13,6 +13,7 @@ any metadata change, however large, commits atomically.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from head.volumes.errors import ValidationError
 from head.volumes.records import (CATALOG_PER_PAGE, META_BLOCK, TABLE_PER_PAGE,
@@ -72,11 +73,11 @@ class Geometry:
     def page_offset(self, page_no: int) -> int:
         return 2 * META_BLOCK + page_no * META_BLOCK
 
-    @property
+    @cached_property
     def journal_start(self) -> int:
         return self.page_offset(self.meta_pages)
 
-    @property
+    @cached_property
     def data_start(self) -> int:
         end = self.journal_start + self.journal_blocks * META_BLOCK
         return _ceil_div(end, self.segment_size) * self.segment_size

@@ -118,9 +118,10 @@ class SegmentTable:
             return phys
         if phys is not None and self.birth(phys) <= epoch:
             return phys
-        for old in reversed(lin.history.get(logical, ())):
-            if self.birth(old) <= epoch:
-                return old if epoch < self.death(old) else None
+        versions = lin.history.get(logical, ())
+        i = bisect.bisect_right(versions, epoch, key=self.birth)   # births increase
+        if i and epoch < self.death(versions[i - 1]):
+            return versions[i - 1]
         return None
 
     def shared(self, vid: int, phys: int) -> bool:

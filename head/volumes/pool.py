@@ -211,27 +211,37 @@ class Pool:
     async def delete_volume(self, name: str, *, recursive: bool = False) -> None:
         """Delete a volume; with snapshots only if `recursive` (they go too).
         Its space is free when this returns."""
-        vs = self._volume(name)
-        if vs.snapshots and not recursive:
-            raise ValidationError("name", f"volume {name!r} has snapshots "
-                                          f"({', '.join(sorted(vs.snapshots))}); delete them first")
-        async with self._manage_lock, vs.gate.frozen():
+        async with self._manage_lock:
+            vs = self._volume(name)
+            if vs.snapshots and not recursive:
+                raise ValidationError("name", f"volume {name!r} has snapshots ("
+                                      f"{', '.join(sorted(vs.snapshots))}); delete them first")
+            await self._delete_volume(vs)
+        log.info("volume %s deleted", name)
+
+    async def _delete_volume(self, vs: VolumeState) -> None:
+        async with vs.gate.frozen():
             for snap in vs.snapshots.values():
                 snap.deleted = True
                 self._catalog.remove(snap.slot)
             vs.deleted = True
             self._catalog.remove(vs.slot)
             self._alloc.defer(self._table.drop_volume(vs.id))
-            del self._volumes[name]
+            del self._volumes[vs.name]
             await self.commit()
-        log.info("volume %s deleted", name)
 
     async def resize_volume(self, name: str, size: int) -> VolumeInfo:
         """Grow, or shrink (data beyond the new end is dropped; snapshots keep theirs)."""
-        vs = self._volume(name)
         _validate_size(size)
+        async with self._manage_lock:
+            vs = self._volume(name)
+            await self._resize(vs, size)
+        log.info("volume %s resized to %d bytes", name, size)
+        return self._info(vs)
+
+    async def _resize(self, vs: VolumeState, size: int) -> None:
         seg = self.segment_size
-        async with self._manage_lock, vs.gate.frozen():
+        async with vs.gate.frozen():
             if size < vs.size:
                 if size % seg and self._table.visible(vs.id, size // seg) is not None:
                     tail = min(vs.size, -(-size // seg) * seg) - size
@@ -240,8 +250,6 @@ class Pool:
             vs.size = size
             self._catalog.put(vs.slot, self._record(vs))
             await self.commit()
-        log.info("volume %s resized to %d bytes", name, size)
-        return self._info(vs)
 
     def open_volume(self, name: str) -> VolumeDevice:
         return VolumeDevice(self, self._volume(name))
@@ -253,9 +261,9 @@ class Pool:
         Waits for writes in flight; every write that returned before is in
         the snapshot, none that starts after. Durable on return.
         """
-        vs = self._volume(volume)
         validate_name("name", name)
         async with self._manage_lock:
+            vs = self._volume(volume)
             if name in vs.snapshots:
                 raise ValidationError("name", f"snapshot {volume}@{name} already exists")
             async with vs.gate.frozen():
@@ -285,8 +293,8 @@ class Pool:
 
     async def delete_snapshot(self, volume: str, name: str) -> None:
         """Delete a snapshot; the space only it held is free when this returns."""
-        vs, snap = self._snapshot(volume, name)
         async with self._manage_lock:
+            vs, snap = self._snapshot(volume, name)
             snap.deleted = True
             del vs.snapshots[name]
             self._catalog.remove(snap.slot)

@@ -43,7 +43,8 @@ def split(offset: int, length: int, segment_size: int) -> list[Piece]:
 
 
 async def read_view(pool: Pool, vid: int, epoch: int | None, offset: int, length: int) -> bytes:
-    """Bytes of a volume (epoch None) or of its snapshot at `epoch`; holes read as zeros."""
+    """Bytes of a volume (epoch None) or of its snapshot at `epoch`; holes read
+    as zeros. Volume reads run under the segment locks (see VolumeDevice.read)."""
     seg = pool.segment_size
     out = bytearray(length)
     for logical, at, done, n in split(offset, length, seg):
@@ -129,9 +130,13 @@ class VolumeDevice:
         return self._vs
 
     async def read(self, offset: int, length: int) -> bytes:
+        """Under the segment locks, so a segment cannot be trimmed and reused
+        while it is being read; a read sees a concurrent write wholly or not
+        at all, per segment."""
         vs = self._live()
         check_range(vs.size, offset, length)
-        return await read_view(self._pool, vs.id, None, offset, length)
+        async with vs.locks.hold(p[0] for p in split(offset, length, self._pool.segment_size)):
+            return await read_view(self._pool, vs.id, None, offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write `data`; durable on return if `fua`. OSError(ENOSPC) when the
@@ -157,12 +162,14 @@ class VolumeDevice:
         async with vs.gate.writer():
             self._live()
             pieces = split(offset, length, seg)
-            whole = [p[0] for p in pieces if p[3] == seg]
+            # whole segments, counting a last segment the volume ends inside
+            whole = [lg for lg, at, done, n in pieces
+                     if n == seg or (at == 0 and offset + done + n == vs.size)]
             async with vs.locks.hold(whole):
                 for logical in whole:
                     pool._alloc.defer(pool._table.unmap(vs.id, logical))
             for logical, at, done, n in pieces:
-                if n != seg and pool._table.visible(vs.id, logical) is not None:
+                if logical not in whole and pool._table.visible(vs.id, logical) is not None:
                     await write_locked(pool, vs, offset + done, bytes(n), False)
         if fua:
             await pool.commit()
