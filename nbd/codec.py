@@ -3,6 +3,7 @@
 No sockets here. The server and client in this package are thin shells that
 read exactly the lengths this module announces (`*_SIZE` constants and the
 `length` fields of decoded headers) and hand the bytes to these functions.
+A decoder of a fixed-size header reads it from the front of its buffer.
 
 Every decoder fails only with `ProtocolError` (malformed input from the
 peer). Encoders take trusted values and raise `ValueError` on a programming
@@ -50,7 +51,7 @@ def encode_greeting(handshake_flags: int) -> bytes:
 def decode_greeting(data: bytes) -> int:
     """Return the server's handshake flags."""
     _need(data, GREETING_SIZE, "greeting")
-    magic, opt, flags = GREETING.unpack(data)
+    magic, opt, flags = GREETING.unpack_from(data)
     if magic != NBDMAGIC:
         raise ProtocolError(f"expected NBDMAGIC, got {magic:#x}")
     if opt != IHAVEOPT:
@@ -69,7 +70,7 @@ def encode_client_flags(flags: int) -> bytes:
 
 def decode_client_flags(data: bytes) -> int:
     _need(data, CLIENT_FLAGS_SIZE, "client flags")
-    return CLIENT_FLAGS.unpack(data)[0]
+    return CLIENT_FLAGS.unpack_from(data)[0]
 
 
 # ---------------------------------------------------------------- options
@@ -95,7 +96,7 @@ def decode_option_header(data: bytes) -> OptionHeader:
     """Decode an option header. The length is returned as sent; the caller
     decides (with `MAX_OPTION_LENGTH`) whether to read or refuse the data."""
     _need(data, OPTION_HEADER_SIZE, "option header")
-    magic, option, length = OPTION_HEADER.unpack(data)
+    magic, option, length = OPTION_HEADER.unpack_from(data)
     if magic != IHAVEOPT:
         raise ProtocolError(f"expected IHAVEOPT option magic, got {magic:#x}")
     return OptionHeader(option, length)
@@ -123,7 +124,7 @@ def encode_option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
 
 def decode_option_reply_header(data: bytes) -> OptionReplyHeader:
     _need(data, OPTION_REPLY_SIZE, "option reply header")
-    magic, option, reply, length = OPTION_REPLY.unpack(data)
+    magic, option, reply, length = OPTION_REPLY.unpack_from(data)
     if magic != OPTION_REPLY_MAGIC:
         raise ProtocolError(f"expected option reply magic, got {magic:#x}")
     if length > MAX_OPTION_LENGTH:
@@ -274,7 +275,7 @@ def encode_request(flags: int, type_: int, cookie: int, offset: int, length: int
 
 def decode_request(data: bytes | memoryview) -> Request:
     _need(data, REQUEST_SIZE, "request")
-    magic, flags, type_, cookie, offset, length = REQUEST.unpack(data)
+    magic, flags, type_, cookie, offset, length = REQUEST.unpack_from(data)
     if magic != REQUEST_MAGIC:
         raise ProtocolError(f"expected request magic {REQUEST_MAGIC:#x}, got {magic:#x}")
     return Request(flags, type_, cookie, offset, length)
