@@ -109,8 +109,16 @@ async def write_locked(pool: Pool, vs: VolumeState, offset: int, data: bytes, fu
 
 class VolumeDevice:
     """A thin volume as a block device (`size`, `read`, `write`, `flush`,
-    `trim`, `write_zeroes`). Any number may be open on one volume; all go
-    through the same locks. I/O on a deleted volume raises OSError(ENODEV)."""
+    `trim`, `write_zeroes`, `cache`), shaped to serve as an NBD export as is
+    (the attributes of `nbd.export.Export`). Any number may be open on one
+    volume; all go through the same locks, and a flush on one covers writes
+    done through all (so multi-conn is safe). I/O on a deleted volume raises
+    OSError(ENODEV)."""
+
+    read_only = False
+    can_multi_conn = True
+    can_trim = True
+    can_zero = True
 
     def __init__(self, pool: Pool, state: VolumeState) -> None:
         self._pool = pool
@@ -119,6 +127,10 @@ class VolumeDevice:
     @property
     def name(self) -> str:
         return self._vs.name
+
+    @property
+    def description(self) -> str:
+        return f"opie volume {self._vs.name}"
 
     @property
     def size(self) -> int:
@@ -174,13 +186,27 @@ class VolumeDevice:
         if fua:
             await pool.commit()
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
-        """Same as trim: unmapped space reads as zeros."""
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False,
+                           may_trim: bool = True) -> None:
+        """Same as trim: unmapped space reads as zeros. With may_trim False
+        (NBD's NO_HOLE) the range is still unmapped: a thin volume allocates
+        on write, so a hole is the only cheap zero it has."""
         await self.trim(offset, length, fua)
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Nothing to prefetch into."""
+        check_range(self._live().size, offset, length)
 
 
 class SnapshotDevice:
-    """A snapshot as a read-only block device; writes raise OSError(EROFS)."""
+    """A snapshot as a read-only block device (and NBD export, named
+    VOLUME@SNAPSHOT); writes raise OSError(EROFS). Reads of a snapshot being
+    deleted may return garbage; close its exports before deleting it."""
+
+    read_only = True
+    can_multi_conn = True
+    can_trim = False
+    can_zero = False
 
     def __init__(self, pool: Pool, volume: VolumeState, snapshot: SnapshotState) -> None:
         self._pool = pool
@@ -190,6 +216,10 @@ class SnapshotDevice:
     @property
     def name(self) -> str:
         return f"{self._vs.name}@{self._snap.name}"
+
+    @property
+    def description(self) -> str:
+        return f"opie snapshot {self.name} (read-only)"
 
     @property
     def size(self) -> int:
@@ -207,8 +237,12 @@ class SnapshotDevice:
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         raise OSError(errno.EROFS, f"snapshot {self.name} is read-only")
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False,
+                           may_trim: bool = True) -> None:
         raise OSError(errno.EROFS, f"snapshot {self.name} is read-only")
 
     async def flush(self) -> None:
         return None
+
+    async def cache(self, offset: int, length: int) -> None:
+        check_range(self._snap.size, offset, length)
