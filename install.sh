@@ -10,7 +10,7 @@ DEBS=(
   nbdkit libnbd-bin qemu-utils          # NBD peers for interop tests and benches
   fuse3 fuse2fs e2fsprogs util-linux    # nbdfuse + loop + ext4
   iproute2 iputils-arping socat udev    # lab hosts, serial pty pairs, uevents
-  samba smbclient nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind acl attr
+  samba samba-vfs-modules smbclient nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind acl attr
   zfs-fuse avahi-utils openssl procps psmisc
 )
 

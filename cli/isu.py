@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where the ISU keeps its identity (default /var/lib/opie/isu)")
     s.add_argument("--tls-dir", default=None, metavar="DIR",
                    help="certificate directory (ca-cert.pem, server-cert.pem, server-key.pem)")
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="serve connections on N threads (default: one per CPU, at least 2; 0 = on the main loop)")
     s.set_defaults(func=_serve)
 
 
@@ -44,7 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
     from isu.identity import IdentityError
 
     try:
-        return serve(args.state_dir or DEFAULT_STATE_DIR, args.disk, args.listen, args.tls_dir)
+        return serve(args.state_dir or DEFAULT_STATE_DIR, args.disk, args.listen, args.tls_dir, args.workers)
     except (DiskError, IdentityError) as exc:
         raise UsageError(str(exc)) from None
     except ValueError as exc:

@@ -37,10 +37,16 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def default_workers() -> int:
+    """One NBD worker thread per CPU: connections are served in parallel."""
+    return max(2, min(8, os.cpu_count() or 2))
+
+
 class ISUAgent:
     """One ISU: its identity, its disks and the NBD server exporting them."""
 
-    def __init__(self, state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None = None):
+    def __init__(self, state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None = None,
+                 workers: int | None = None):
         self.state_dir = state_dir
         self.config = identity.load(state_dir)
         self.uuid: str = self.config["uuid"]
@@ -63,7 +69,8 @@ class ISUAgent:
             raise
         ctx = tls.server_context(tls_dir) if tls_dir else None
         self.server = NBDServer(self.disks, tls_context=ctx,
-                                tls_mode=TLSMode.REQUIRE if ctx else TLSMode.OFF)
+                                tls_mode=TLSMode.REQUIRE if ctx else TLSMode.OFF,
+                                workers=workers if workers is not None else default_workers())
 
     def close_disks(self) -> None:
         for d in self.disks.values():
@@ -107,8 +114,9 @@ async def run(agent: ISUAgent) -> None:
     await agent.stop()
 
 
-def serve(state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None) -> int:
-    agent = ISUAgent(state_dir, disk_specs, listen, tls_dir)
+def serve(state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None,
+          workers: int | None = None) -> int:
+    agent = ISUAgent(state_dir, disk_specs, listen, tls_dir, workers)
     try:
         asyncio.run(run(agent))
     finally:

@@ -119,6 +119,21 @@ class Disk(FileExport):
     async def read(self, offset, length):
         return await self._guard(super().read(offset, length))
 
+    def sendfile_fd(self):
+        return None if self.state is DiskState.FAILED else super().sendfile_fd()
+
+    def read_now(self, offset, length):
+        if self.state is DiskState.FAILED:
+            raise OSError(errno.EIO, f"disk {self.name} has failed")
+        try:
+            return super().read_now(offset, length)
+        except OSError as exc:
+            self._failed(exc)
+            raise
+
+    def io_error(self, exc):
+        self._failed(exc)
+
     async def write(self, offset, data, fua=False):
         return await self._guard(super().write(offset, data, fua))
 

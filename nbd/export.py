@@ -34,6 +34,13 @@ class Export(Protocol):
     Methods are called from the server's event loop, possibly concurrently
     for different requests; they raise `OSError` with an errno on failure
     (the server sends that errno, mapped to the spec's set, to the client).
+    `write` must not keep a reference to `data` once it returns: the server
+    reuses the buffer for the next request.
+
+    Optional, for file-backed exports: `sendfile_fd()` returns a file
+    descriptor the server may answer READs from with os.sendfile (or None),
+    `read_now(offset, length)` reads synchronously, and `io_error(exc)` is
+    told about an I/O error the export did not see itself.
     """
 
     name: str
@@ -88,6 +95,7 @@ class FileExport:
     """
 
     _pool: ThreadPoolExecutor | None = None
+    thread_safe = True  # positional syscalls only: any thread or loop may call it
 
     def __init__(self, path: str, name: str, read_only: bool = False, description: str = "",
                  inline: bool | None = None):
@@ -137,6 +145,17 @@ class FileExport:
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self._run(self._pread, offset, length)
+
+    def sendfile_fd(self) -> int | None:
+        """The fd READs may be sent from with os.sendfile: regular files served
+        inline only (a block device read could stall the loop)."""
+        return self.fd if self.inline and not self.is_block and self.fd >= 0 else None
+
+    def read_now(self, offset: int, length: int) -> bytes:
+        return self._pread(offset, length)
+
+    def io_error(self, exc: OSError) -> None:
+        log.error("%s: %s", self.name, exc)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._run(self._pwrite, offset, data, fua)

@@ -26,7 +26,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
+import socket
 import ssl
+import threading
 from dataclasses import dataclass, field
 
 from nbd import codec
@@ -52,6 +55,7 @@ from nbd.export import Export
 
 log = logging.getLogger(__name__)
 
+ZERO_COPY_MIN = 64 * 1024  # READs this large from a file export go out with sendfile
 MAX_OPTION_DISCARD = 1 << 20  # longer option data than this closes the connection
 HANDSHAKE_TIMEOUT = 30.0
 KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
@@ -100,7 +104,7 @@ class NBDServer:
 
     def __init__(self, exports: dict[str, Export], *, default_export: str | None = None,
                  tls_context: ssl.SSLContext | None = None, tls_mode: str | None = None,
-                 max_inflight: int = 64):
+                 max_inflight: int = 64, workers: int = 0):
         self.exports = dict(exports)
         self.default_export = default_export
         self.tls_context = tls_context
@@ -108,26 +112,93 @@ class NBDServer:
         if self.tls_mode != TLSMode.OFF and tls_context is None:
             raise ValueError("TLS mode needs a TLS context")
         self.max_inflight = max_inflight
+        if workers and not all(getattr(e, "thread_safe", False) for e in self.exports.values()):
+            raise ValueError("worker threads need exports that are thread-safe")
+        self.n_workers = workers
+        self._workers: list[_Worker] = []
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
         self._server: asyncio.base_events.Server | None = None
         self._sessions: set[asyncio.Task] = set()
+        self._lock = threading.Lock()  # guards _sessions when workers run
         self.connections_served = 0
 
     # ------------------------------------------------------------ lifecycle
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._serve, host, port, limit=1 << 22)
-        sock = self._server.sockets[0].getsockname()
-        log.info("serving %d export(s) on %s:%d (tls %s)", len(self.exports), sock[0], sock[1], self.tls_mode)
-        return sock[0], sock[1]
+        """Listen on host:port (port 0: any free port); return the address.
+
+        With `workers` > 0, each accepted connection is served, handshake to
+        close, by one of that many threads, each running its own event loop
+        (round robin). The syscalls of different connections then run in
+        parallel; only exports marked `thread_safe` may be served this way."""
+        if not self.n_workers:
+            self._server = await asyncio.start_server(self._serve, host, port, limit=1 << 22)
+            sockname = self._server.sockets[0].getsockname()
+        else:
+            self._workers = [_Worker(i) for i in range(self.n_workers)]
+            self._listener = socket.create_server((host, port), backlog=128)
+            self._listener.setblocking(False)
+            sockname = self._listener.getsockname()
+            self._accepting = asyncio.ensure_future(self._accept_loop())
+        log.info("serving %d export(s) on %s:%d (tls %s%s)", len(self.exports), sockname[0], sockname[1],
+                 self.tls_mode, f", {self.n_workers} worker threads" if self.n_workers else "")
+        return sockname[0], sockname[1]
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        n = 0
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as exc:  # EMFILE and friends: back off, keep serving
+                log.error("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._workers[n % len(self._workers)].submit(self._adopt(conn))
+            n += 1
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        """Runs on a worker loop: serve the accepted socket as a server-side
+        stream (so STARTTLS takes the server role), exactly like start_server."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 22, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, self._serve, loop=loop)
+        try:
+            await loop.connect_accepted_socket(lambda: protocol, sock=conn)
+        except OSError:
+            conn.close()
 
     async def close(self) -> None:
+        if self._accepting:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        if self._listener:
+            self._listener.close()
         if self._server:
             self._server.close()
+        if self._workers:
+            await asyncio.gather(*(asyncio.wrap_future(w.submit(self._cancel_sessions())) for w in self._workers),
+                                 return_exceptions=True)
+            for w in self._workers:
+                w.stop()
+            self._workers = []
+            return
         for t in list(self._sessions):
             t.cancel()
         if self._sessions:
             await asyncio.gather(*self._sessions, return_exceptions=True)
         if self._server:
             await self._server.wait_closed()
+
+    async def _cancel_sessions(self) -> None:
+        """Cancel and await the sessions running on the calling loop."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            mine = [t for t in self._sessions if t.get_loop() is loop]
+        for t in mine:
+            t.cancel()
+        await asyncio.gather(*mine, return_exceptions=True)
 
     def lookup(self, name: str) -> Export | None:
         if name == "" and self.default_export is not None:
@@ -137,7 +208,8 @@ class NBDServer:
     # ------------------------------------------------------------ connection
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._sessions.add(task)
+        with self._lock:
+            self._sessions.add(task)
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         s = _Session(peer, reader, writer)
@@ -169,14 +241,15 @@ class NBDServer:
                 await asyncio.wait_for(writer.wait_closed(), 2)
             except (Exception, asyncio.CancelledError):
                 pass
-            self._sessions.discard(task)
+            with self._lock:
+                self._sessions.discard(task)
 
     # ------------------------------------------------------------ handshake
     async def _handshake(self, s: _Session) -> None:
         s.writer.write(codec.encode_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES))
         await s.writer.drain()
         flags = codec.decode_client_flags(await s.reader.readexactly(codec.CLIENT_FLAGS_SIZE))
-        if flags & ~KNOWN_CLIENT_FLAGS:
+        if flags & ~int(KNOWN_CLIENT_FLAGS):  # ~ of an IntFlag keeps only defined bits: use the int
             raise _Close(f"unknown client flags {flags:#x}")
         if not flags & ClientFlag.FIXED_NEWSTYLE:
             raise _Close("client does not speak fixed newstyle")
@@ -374,6 +447,8 @@ class NBDServer:
         try:
             t = req.type
             if t == _READ:
+                if req.length >= ZERO_COPY_MIN and not s.tls and s.out.send_file_range(s, req, export):
+                    return
                 data = await export.read(req.offset, req.length) if req.length else b""
             elif t == _WRITE:
                 if req.length:
@@ -411,6 +486,49 @@ class NBDServer:
             s.out.send(codec.encode_simple_reply(req.cookie, err))
 
 
+class _BufferPool:
+    """Recycled WRITE payload buffers, so a busy connection does not allocate
+    and zero a fresh buffer per request. Exports must not keep a reference to
+    a write's data after the write returns (the Export contract)."""
+
+    MIN, MAX_PER_SIZE = 4096, 128
+
+    def __init__(self) -> None:
+        self.free: dict[int, list[bytearray]] = {}
+
+    def get(self, n: int) -> bytearray:
+        lst = self.free.get(n)
+        return lst.pop() if lst else bytearray(n)
+
+    def put(self, buf: bytearray) -> None:
+        if len(buf) >= self.MIN:
+            lst = self.free.setdefault(len(buf), [])
+            if len(lst) < self.MAX_PER_SIZE:
+                lst.append(buf)
+
+
+class _Worker:
+    """A thread running its own event loop, serving the connections given to it."""
+
+    def __init__(self, index: int):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name=f"nbd-worker-{index}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        self.loop.close()
+
+    def submit(self, coro):
+        """Schedule coro on this worker (thread-safe); returns a concurrent Future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 class _TransmissionProtocol(asyncio.BufferedProtocol):
     """Parses requests from the byte stream and starts one task per request.
 
@@ -436,6 +554,10 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
         self.close_reason: str | None = None
         self.small: list[bytes] = []
         self.flush_scheduled = False
+        sock = transport.get_extra_info("socket")
+        self.sock_fd = sock.fileno() if sock is not None and transport.get_extra_info("sslcontext") is None else None
+        self.pool = _BufferPool()
+        self.payloads: dict[asyncio.Task, bytearray] = {}
         self.finished = asyncio.get_running_loop().create_future()
 
     # -- asyncio callbacks
@@ -506,6 +628,58 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
                 self.transport.write(b"".join(self.small))
             self.small.clear()
 
+    def send_file_range(self, s: _Session, req: codec.Request, export: Export) -> bool:
+        """Answer a READ straight from the export's file with os.sendfile (one
+        copy, page cache to socket, instead of pread + send). Only on plain
+        TCP, only when nothing else is queued on the transport (so the reply
+        stays contiguous); whatever the socket does not take now is read and
+        queued on the transport at once, still in order. Returns False, having
+        sent nothing, when it does not apply."""
+        fd = export.sendfile_fd() if hasattr(export, "sendfile_fd") else None
+        t = self.transport
+        if fd is None or t.is_closing():
+            return False
+        self._flush_out()
+        if t.get_write_buffer_size() or self.sock_fd is None:
+            return False
+        if s.structured:
+            header = codec.encode_offset_data_header(ReplyFlag.DONE, req.cookie, req.offset, req.length)
+        else:
+            header = codec.encode_simple_reply(req.cookie)
+        try:
+            n = os.write(self.sock_fd, header)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            return False  # the connection is going; let the normal path notice
+        if n < len(header):
+            t.write(header[n:])
+            t.write(export.read_now(req.offset, req.length))
+            return True
+        done, offset, length = 0, req.offset, req.length
+        try:
+            while done < length:
+                sent = os.sendfile(self.sock_fd, fd, offset + done, length - done)
+                if sent == 0:
+                    raise OSError(errno.EIO, "file ended inside the export")
+                done += sent
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            # The success header is out: the only honest thing left is to drop
+            # the connection (the spec's answer to an error mid-reply).
+            export.io_error(exc) if hasattr(export, "io_error") else None
+            log.error("%s: READ %d+%d failed after the reply started: %s; closing", s.peer, offset, length, exc)
+            t.abort()
+            return True
+        if done < length:
+            try:
+                t.write(export.read_now(offset + done, length - done))
+            except OSError as exc:
+                log.error("%s: READ %d+%d failed after the reply started: %s; closing", s.peer, offset, length, exc)
+                t.abort()
+        return True
+
     # -- parsing
     def _parse(self) -> None:
         buf, size = self.buf, codec.REQUEST_SIZE
@@ -517,7 +691,7 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
                 if req.type == Command.WRITE:
                     if req.length > MAX_PAYLOAD:
                         return self._stop(f"WRITE of {req.length} bytes exceeds the {MAX_PAYLOAD}-byte maximum")
-                    payload = bytearray(req.length)
+                    payload = self.pool.get(req.length)
                     have = min(self.pos - start, req.length)
                     payload[:have] = self.view[start:start + have]
                     start += have
@@ -542,11 +716,16 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
         self.inflight += 1
         task = asyncio.ensure_future(self.server._handle(s, req, payload))
         s.tasks.add(task)
+        if payload:
+            self.payloads[task] = payload
         task.add_done_callback(self._done)
         self._flow()
 
     def _done(self, task: asyncio.Task) -> None:
         self.s.tasks.discard(task)
+        payload = self.payloads.pop(task, None)
+        if payload is not None:
+            self.pool.put(payload)
         self.inflight -= 1
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
