@@ -160,7 +160,7 @@ async def run(ops: list[tuple]) -> None:
         assert await reopened.open_volume(name).read(0, SIZES[name]) == model.volatile.tobytes()
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(OPS, max_size=40))
 def test_pool_matches_reference_model_across_crashes(ops: list[tuple]) -> None:
     asyncio.run(run(ops))

@@ -128,6 +128,15 @@ def test_damaged_superblocks_and_pages_on_open() -> None:
         dev.buf[META_BLOCK + 20] ^= 1
         with pytest.raises(IntegrityError, match="no valid superblock"):
             await Pool.open(dev)
+        # the newest slot damaged after later commits: the journal shows they
+        # came after it, so they are replayed and nothing is lost
+        dev.buf[:] = image
+        pool = await Pool.open(dev)
+        await pool.open_volume("v").write(16384, b"later", fua=True)
+        dev.buf[META_BLOCK + 20] ^= 1
+        again = await Pool.open(dev)
+        assert await again.open_volume("v").read(16384, 5) == b"later"
+        assert again.check().problems == []
         # a damaged metadata page that no journal transaction repairs
         dev.buf[:] = image
         dev.buf[2 * META_BLOCK + 100] ^= 1

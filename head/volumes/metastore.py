@@ -92,7 +92,7 @@ class MetaStore:
         raw = await device.read(geo.page_offset(0), geo.meta_pages * META_BLOCK)
         pages = [raw[i * META_BLOCK:(i + 1) * META_BLOCK] for i in range(geo.meta_pages)]
         unplaced: dict[int, bytes] = {}
-        head, seq = 0, sb.journal_seq
+        head, seq = 0, await cls._first_seq(device, geo, sb)
         while head < geo.journal_blocks:
             txn = await cls._read_txn(device, geo, sb, head, seq)
             if txn is None:
@@ -111,6 +111,24 @@ class MetaStore:
             log.info("pool %s: replayed journal transactions %d..%d", sb.pool_uuid,
                      sb.journal_seq, seq - 1)
         return cls(device, geo, sb, head, seq, unplaced), pages
+
+    @classmethod
+    async def _first_seq(cls, device: BlockDevice, geo: Geometry, sb: Superblock) -> int:
+        """Where replay starts: the superblock's journal_seq, unless the journal
+        already starts with a later, whole transaction. That happens only if a
+        newer superblock was written (checkpoints write it before reusing the
+        journal) and has since been damaged; its pages are in place, so
+        replaying from there loses nothing."""
+        _magic, got_seq, got_uuid, _n, _b = JournalHeader.peek(
+            await device.read(geo.journal_start, META_BLOCK))
+        if got_uuid != sb.pool_uuid or got_seq <= sb.journal_seq:
+            return sb.journal_seq
+        if await cls._read_txn(device, geo, sb, 0, got_seq) is None:
+            return sb.journal_seq
+        log.warning("pool %s: superblock generation %d is not the newest (the journal "
+                    "starts at transaction %d); replaying from there", sb.pool_uuid,
+                    sb.generation, got_seq)
+        return got_seq
 
     @staticmethod
     def _check_geometry(geo: Geometry) -> None:
