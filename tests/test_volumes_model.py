@@ -161,6 +161,6 @@ async def run(ops: list[tuple]) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(OPS, max_size=40))
+@given(st.lists(OPS, min_size=10, max_size=80))
 def test_pool_matches_reference_model_across_crashes(ops: list[tuple]) -> None:
     asyncio.run(run(ops))
