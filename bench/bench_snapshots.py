@@ -6,7 +6,9 @@ places; after each of the last N rounds a snapshot is taken, so the
 snapshots really differ and hold copied segments. The timed part writes
 256 MiB more in random 64 KiB-1 MiB writes at random 4 KiB-aligned offsets,
 then flushes: with N >= 1 every segment's first write copies it (the newest
-snapshot shares them all). Median of --runs runs; ratio to 0 snapshots.
+snapshot shares them all), with N = 0 every write goes in place. Median of
+--runs runs; ratios to 0 snapshots, and to 1 snapshot (does the cost grow
+with the number of snapshots?).
 
     python3 bench/bench_snapshots.py [--runs 5] [--segment-size 262144]
 """
@@ -86,7 +88,7 @@ async def main() -> None:
     print("(the device is memory, so this is CPU-bound: the CPU-time rate is what other "
           "load on the machine cannot disturb)")
     print(f"{'snapshots':>9}  {'MiB/s wall':>10}  {'ratio':>6}  {'MiB/s cpu':>10}  {'ratio':>6}  "
-          f"wall runs")
+          f"{'cpu vs 1 snap':>13}  wall runs")
     counts = (0, 1, 10, 100)
     results: dict[int, list[tuple[float, float]]] = {c: [] for c in counts}
     for seed in range(args.runs):          # interleaved, so load changes hit all alike
@@ -94,12 +96,14 @@ async def main() -> None:
             results[count].append(await one_run(count, args.segment_size, seed))
     base_wall = statistics.median(r[0] for r in results[0])
     base_cpu = statistics.median(r[1] for r in results[0])
+    one_cpu = statistics.median(r[1] for r in results[1])
     for count in counts:
         wall = statistics.median(r[0] for r in results[count])
         cpu = statistics.median(r[1] for r in results[count])
         shown = " ".join(f"{r[0]:.0f}" for r in results[count])
+        vs_one = f"{cpu / one_cpu:.2f}" if count else "-"
         print(f"{count:>9}  {wall:>10.0f}  {wall / base_wall:>6.2f}  {cpu:>10.0f}  "
-              f"{cpu / base_cpu:>6.2f}  {shown}")
+              f"{cpu / base_cpu:>6.2f}  {vs_one:>13}  {shown}")
 
 
 if __name__ == "__main__":

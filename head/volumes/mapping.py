@@ -83,24 +83,25 @@ class SegmentTable:
         self.lineages = {vid: Lineage(epoch, sorted(snaps)) for vid, (epoch, snaps) in epochs.items()}
         self.orphans = []
         owners = self.entries["volume"]
-        for phys in np.flatnonzero(owners).tolist():
-            e = self.entries[phys]
-            lin = self.lineages.get(int(e["volume"]))
+        owned = np.flatnonzero(owners)
+        columns = zip(owned.tolist(), owners[owned].tolist(),
+                      self.entries["logical"][owned].tolist(),
+                      self.entries["death"][owned].tolist())
+        for phys, vid, logical, death in columns:
+            lin = self.lineages.get(vid)
             if lin is None:
                 self.orphans.append(phys)
-                continue
-            logical = int(e["logical"])
-            if int(e["death"]) == LIVE:
-                if logical in lin.live:
-                    raise IntegrityError(f"segment {phys}: expected the only live version of "
-                                         f"{int(e['volume'])}/{logical}, got a second one "
-                                         f"(segment {lin.live[logical]})")
-                lin.live[logical] = phys
-            else:
+            elif death != LIVE:
                 lin.history.setdefault(logical, []).append(phys)
+            elif logical in lin.live:
+                raise IntegrityError(f"segment {phys}: expected the only live version of "
+                                     f"{vid}/{logical}, got a second one "
+                                     f"(segment {lin.live[logical]})")
+            else:
+                lin.live[logical] = phys
         for lin in self.lineages.values():
             for versions in lin.history.values():
-                versions.sort(key=lambda p: int(self.entries[p]["birth"]))
+                versions.sort(key=self.birth)
         return np.flatnonzero(owners == 0).tolist()
 
     # -- lookups ---------------------------------------------------------
