@@ -18,6 +18,7 @@ import errno
 import logging
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -69,6 +70,20 @@ def thaw(mountpoint: str, timeout: float = 30.0) -> None:
         raise
 
 
+def _thaw_hard(mountpoint: str, timeout: float, attempts: int = 3) -> None:
+    """Thaw, retrying: a filesystem left frozen blocks every writer."""
+    for attempt in range(attempts):
+        try:
+            thaw(mountpoint, timeout)
+            log.info("%s: thawed", mountpoint)
+            return
+        except FreezeError as e:
+            log.error("%s: thaw failed (attempt %d): %s", mountpoint, attempt + 1, e)
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2)
+
+
 @contextmanager
 def frozen(mountpoint: str, *, timeout: float = 30.0, max_frozen: float = 60.0) -> Iterator[None]:
     """Hold `mountpoint` frozen for the body of a `with` block (contract above)."""
@@ -95,7 +110,6 @@ def frozen(mountpoint: str, *, timeout: float = 30.0, max_frozen: float = 60.0) 
         done.set()
         dog.join()
         if not expired.is_set():
-            thaw(mountpoint, timeout)
-            log.info("%s: thawed", mountpoint)
+            _thaw_hard(mountpoint, timeout)
     if expired.is_set():
         raise FreezeExpired(errno.ETIMEDOUT, f"{mountpoint}: thawed by the watchdog after {max_frozen}s")

@@ -8,14 +8,18 @@ The layers, bottom to top, each a real unmodified component (DESIGN.md,
     mkfs.ext4 (first use only)             only when the device holds no signature
     mount DEV MOUNTPOINT                   under an rshared bind mount root
 
-Durability contract (measured, see tests/test_mount_flush.py): when `fsync(2)`
-on a file in the mounted filesystem, `syncfs`, `sync` or `fsfreeze -f`
-returns, every write it covers has been acknowledged by the NBD server and
-followed by an NBD FLUSH that the server acknowledged. The path is: ext4 issues
-a REQ_PREFLUSH/FUA journal commit; the loop device (write cache on, no FUA)
-turns it into `vfs_fsync` on the backing FUSE file; FUSE sends FSYNC to
-nbdfuse, which calls `nbd_flush`. Default ext4 options (barrier=1) are
-required; never mount with `nobarrier`.
+Durability contract (measured, see tests/test_mount_flush_freeze.py): when
+`fsync(2)` on a file in the mounted filesystem returns, every WRITE carrying
+that file's blocks has been acknowledged by the NBD server and followed by an
+acknowledged NBD FLUSH, and so has the journal commit that makes them
+reachable. The same holds for the files' data after `sync`/`syncfs`; those two
+then still write back in-place copies of already journaled metadata without a
+trailing FLUSH (harmless: the flushed journal replays them). After
+`fsfreeze -f` no WRITE follows the last FLUSH, so a snapshot taken while
+frozen is a clean filesystem. The path: ext4 issues a REQ_PREFLUSH/FUA
+journal commit; the loop device (write cache on, no FUA) turns each into
+`vfs_fsync` on the backing FUSE file; FUSE sends FSYNC to nbdfuse, which calls
+`nbd_flush`. This needs ext4's default barriers: `nobarrier` is refused.
 
 Mount propagation: `ip netns exec` gives a process a copy of the mount table.
 Mounts made under a bind mount that is `--make-rshared` propagate their later
@@ -227,8 +231,11 @@ def _is_nbdfuse(pid: int) -> bool:
     return bool(argv) and os.path.basename(argv[0]) == "nbdfuse"
 
 
-def _stop_fuse(fuse_dir: str, pid: int | None, proc: subprocess.Popen | None, timeout: float) -> None:
-    """fusermount3 -u; if nbdfuse does not exit, SIGTERM then SIGKILL it by pid; lazy-unmount a dead mount."""
+def _stop_fuse(fuse_dir: str, pid: int | None, proc: subprocess.Popen | None, timeout: float,
+               kill: bool = True) -> None:
+    """fusermount3 -u (lazily when busy), then wait for nbdfuse to exit. With `kill`
+    (nothing uses the FUSE file any more) SIGTERM, then SIGKILL it by pid if it lingers;
+    without, a lazily unmounted nbdfuse keeps serving its last users and exits after them."""
     if _mounted_at(fuse_dir) is not None:
         res = _run(["fusermount3", "-u", fuse_dir], check=False, timeout=timeout)
         if res.returncode != 0 and _mounted_at(fuse_dir) is not None:
@@ -239,7 +246,7 @@ def _stop_fuse(fuse_dir: str, pid: int | None, proc: subprocess.Popen | None, ti
     if pid is None:
         return
     deadline = time.monotonic() + timeout
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+    for sig in (None, signal.SIGTERM, signal.SIGKILL) if kill else (None,):
         if sig is not None and pid_alive(pid) and (proc is not None or _is_nbdfuse(pid)):
             log.warning("nbdfuse %d did not exit after unmount; %s", pid, sig.name)
             os.kill(pid, sig)
@@ -251,8 +258,16 @@ def _stop_fuse(fuse_dir: str, pid: int | None, proc: subprocess.Popen | None, ti
             elif not pid_alive(pid):
                 return
             time.sleep(0.02)
-    if proc is not None:
-        proc.poll()
+
+
+def _wait_detached(device: str, backing: str, timeout: float) -> bool:
+    """Wait (bounded) until `device` no longer sits on `backing` (autoclear is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while loop_devices().get(device) == backing:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 # --- the mount ----------------------------------------------------------------
@@ -279,6 +294,8 @@ class Mount:
         if not unix and (parts.scheme not in ("nbd", "nbds") or not parts.hostname):
             raise ValueError(f"uri: expected nbd://HOST[:PORT]/NAME, nbds://... or "
                              f"nbd+unix:///NAME?socket=PATH, got {uri!r}")
+        if unix and tls_dir:
+            raise ValueError("tls_dir: a Unix socket export is local and plain; no TLS")
         if tls_dir:
             parts = parts._replace(scheme="nbds", query=f"tls-certificates={tls_dir}")
         self.tls_dir = tls_dir
@@ -475,14 +492,22 @@ class Mount:
                     _umount(self.mountpoint)
                 except MountError as e:
                     errors.append(str(e))
+            in_use = False
             if self.device is not None and loop_devices().get(self.device) == self.fuse_file:
                 try:
                     _detach_loop(self.device)
                 except MountError as e:
                     errors.append(str(e))
+                # losetup -d on a busy device (a lazily unmounted filesystem still in use)
+                # only sets autoclear: the device goes with its last user.
+                in_use = not _wait_detached(self.device, self.fuse_file, 1.0)
+            if in_use:
+                errors.append(f"{self.mountpoint} lazily unmounted and still in use; {self.device} and nbdfuse "
+                              f"stay until its last user goes (call down() again)")
             if self._proc is not None:
                 try:
-                    _stop_fuse(self.fuse_dir, self._proc.pid, self._proc, self.timeout)
+                    _stop_fuse(self.fuse_dir, self._proc.pid, self._proc, 1.0 if in_use else self.timeout,
+                               kill=not in_use)
                 except MountError as e:
                     errors.append(str(e))
             left = self._leftovers()
@@ -502,9 +527,6 @@ class Mount:
 
     def _leftovers(self) -> list[str]:
         left = []
-        if self.device and self.device in loop_devices() and loop_devices()[self.device] == self.fuse_file:
-            # losetup -d on a busy device sets autoclear; it goes when released.
-            log.warning("%s: %s still attached (autoclear set)", self.name, self.device)
         if self._proc is not None and _mounted_at(self.fuse_dir) is not None:
             left.append(f"FUSE mount {self.fuse_dir}")
         if self._proc is not None and self._proc.poll() is None:

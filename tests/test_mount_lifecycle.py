@@ -294,3 +294,37 @@ def test_tls_export(rig, cluster_tls):
     with pytest.raises(MountError):   # no TLS: nbdkit refuses, nbdfuse exits, nothing is left
         plain.up()
     assert_torn_down(rig, plain)
+
+
+def test_busy_filesystem_is_lazily_unmounted_and_kept_alive_for_its_user(rig):
+    """A process still works in the filesystem at down(): the umount goes lazy, the
+    loop device and nbdfuse stay for that user (never killed under it), down() says
+    so; once the user leaves, a second down() finds everything gone."""
+    _, uri = rig.nbdkit(["memory", "128M"])
+    m = rig.mount(uri)
+    m.up()
+    path = os.path.join(m.mountpoint, "held")
+    holder = subprocess.Popen(["sh", "-c", "exec 3<>held; echo ready; read x; echo late >&3; sync -f held"],
+                              cwd=m.mountpoint, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(MountError) as e:
+            m.down()
+        assert e.value.errno == errno.EBUSY and "still in use" in str(e.value)
+        assert m.state is State.FAILED
+        assert not [x for x in mounts() if x.mountpoint in (m.mountpoint, m.fuse_dir)]   # detached from view
+        assert m.device in loop_devices() and m.fuse_pid and os.path.exists(f"/proc/{m.fuse_pid}")
+        holder.communicate("go\n", timeout=10)       # the user still writes and syncs fine
+        assert holder.returncode == 0
+    finally:
+        stop(holder)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            m.down()
+            break
+        except MountError:
+            assert time.monotonic() < deadline, "leftovers stayed after the last user left"
+            time.sleep(0.1)
+    assert_torn_down(rig, m)
+    assert not os.path.exists(path)                  # the mountpoint is an empty directory again
