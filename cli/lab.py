@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--dir", default=DEFAULT_DIR, help=f"lab directory (default {DEFAULT_DIR})")
     up.add_argument("--isus", type=int, default=5, help="number of ISUs (default 5)")
     up.add_argument("--disk-size", default="2G", help="size of each ISU's disk (default 2G)")
+    up.add_argument("--no-head", action="store_true", help="start the ISUs only")
     up.add_argument("--detach", action="store_true",
                     help="start the lab, print it and return; stop it later with 'opie lab down'")
     up.set_defaults(func=_up)
@@ -45,7 +46,7 @@ def _up(args: argparse.Namespace) -> int:
     from lab.runner import Lab, LabError, summary
     try:
         parse_size(args.disk_size)
-        lab = Lab(args.dir, isus=args.isus, disk_size=args.disk_size)
+        lab = Lab(args.dir, isus=args.isus, disk_size=args.disk_size, with_head=not args.no_head)
         info = lab.up()
     except (LabError, DiskError) as exc:
         raise UsageError(str(exc)) from None

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from cli.errors import OpieError
 
-FAMILIES = ["ca", "isu", "array", "lab", "status", "backup", "share", "user"]
+FAMILIES = ["ca", "isu", "head", "array", "snapshot", "lab", "status", "backup", "share", "user"]
 
 log = logging.getLogger("opie")
 
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `opie status | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return int(rc or 0)
 
 

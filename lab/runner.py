@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,20 @@ log = logging.getLogger(__name__)
 
 LAB_JSON = "lab.json"
 READY_TIMEOUT = 30.0
+HEAD_READY_TIMEOUT = 180.0
+
+
+def _lab_port(home: Path, name: str = "port") -> int:
+    """A port a lab process always uses (picked free once, kept in home/NAME),
+    so member URIs and API addresses stay the same across restarts."""
+    f = home / name
+    if f.exists():
+        return int(f.read_text())
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    f.write_text(f"{port}\n")
+    return port
 
 
 class LabError(Exception):
@@ -94,13 +109,17 @@ def _wait_ready(proc: subprocess.Popen, out_path: Path, log_path: Path, timeout:
 class Lab:
     """Starts and supervises the processes of one lab directory."""
 
-    def __init__(self, directory: str | os.PathLike, isus: int = 5, disk_size: str = "2G"):
+    def __init__(self, directory: str | os.PathLike, isus: int = 5, disk_size: str = "2G",
+                 with_head: bool = True):
         if isus < 1:
             raise LabError("a lab needs at least one ISU")
+        if with_head and isus < 3:
+            raise LabError("a lab with a head needs at least 3 ISUs (RAID5 over 2 would mirror)")
+        self.with_head = with_head
         self.dir = Path(directory).resolve()
         self.n_isus = isus
         self.disk_size = disk_size
-        self.procs: list[subprocess.Popen] = []
+        self.procs: dict[str, subprocess.Popen] = {}  # in start order: ISUs, then the head
         self.lab: dict[str, Any] = {}
 
     def _certificates(self) -> Path:
@@ -118,16 +137,49 @@ class Lab:
         tls.issue(ca, tls_dir, client_name=f"opie-lab-isu{index}")
         disk = home / "disk0.img"
         spec = str(disk) if disk.exists() else f"{disk}:{self.disk_size}"
+        port = _lab_port(home)
         log_path, out_path = home / "isu.log", home / "isu.out"
         with open(log_path, "ab") as logf, open(out_path, "wb") as outf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cli.main", "-v", "isu", "serve", "--disk", spec,
-                 "--listen", "127.0.0.1:0", "--state-dir", str(home), "--tls-dir", str(tls_dir)],
+                 "--listen", f"127.0.0.1:{port}", "--state-dir", str(home), "--tls-dir", str(tls_dir)],
                 stdout=outf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs.append(proc)
+        self.procs[f"isu{index}"] = proc
         ready = _wait_ready(proc, out_path, log_path, READY_TIMEOUT)
         return {"name": f"isu{index}", "uuid": ready["uuid"], "pid": proc.pid, "listen": ready["listen"],
                 "exports": ready["exports"], "log": str(log_path)}
+
+    def _start_head(self, ca: Path) -> dict[str, Any]:
+        from head import config as head_config  # noqa: PLC0415
+        from isu.disks import parse_size  # noqa: PLC0415
+        home = self.dir / "head"
+        home.mkdir(parents=True, exist_ok=True)
+        tls_dir = home / "tls"
+        tls.issue(ca, tls_dir, client_name="opie-lab-head0")
+        members = [e for isu in self.lab["isus"] for e in isu["exports"]]
+        fresh = not (home / head_config.FILENAME).exists()
+        if fresh:
+            disk = parse_size(self.disk_size)
+            vol_size = (int((len(members) - 1) * disk * 0.6) // (1 << 20)) << 20
+            cfg = head_config.HeadConfig(members=members, tls_dir=str(tls_dir), mount_root=str(self.dir / "mnt"),
+                                         create_array=True, assume_clean=True,
+                                         api_listen=f"127.0.0.1:{_lab_port(home, 'api-port')}",
+                                         nbd_listen=f"127.0.0.1:{_lab_port(home, 'nbd-port')}",
+                                         volumes=[head_config.VolumeSpec("vol0", vol_size)])
+        else:  # ISU ports change between runs; members are found by their superblocks
+            cfg = head_config.load(home)
+            cfg.members = members
+        head_config.save(home, cfg)
+        log_path, out_path = home / "head.log", home / "head.out"
+        with open(log_path, "ab") as logf, open(out_path, "wb") as outf:
+            proc = subprocess.Popen([sys.executable, "-m", "cli.main", "-v", "head", "run", "--state-dir", str(home)],
+                                    stdout=outf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs["head0"] = proc
+        ready = _wait_ready(proc, out_path, log_path, HEAD_READY_TIMEOUT)
+        self.lab["volumes"] = [{"name": v["name"], "mountpoint": v["mountpoint"], "export": v["export"]}
+                               for v in ready["volumes"]]
+        return {"name": ready["name"], "role": "active", "pid": proc.pid, "api": ready["api"],
+                "token_file": ready["token_file"], "array": ready["array"], "log": str(log_path)}
 
     def up(self) -> dict[str, Any]:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -144,25 +196,50 @@ class Lab:
             for i in range(self.n_isus):
                 self.lab["isus"].append(self._start_isu(i, ca))
                 _write_lab(self.dir, self.lab)
+            if self.with_head:
+                self.lab["heads"].append(self._start_head(ca))
+                _write_lab(self.dir, self.lab)
         except BaseException:
             self.down()
             raise
         return self.lab
 
     def down(self) -> None:
-        """Stop our children by pid (SIGTERM, then SIGKILL after 10 s)."""
-        for p in self.procs:
+        """Stop our children by pid, the head first (it unmounts and closes the
+        array cleanly while the ISUs still serve), then the ISUs; SIGTERM, and
+        SIGKILL after a grace period."""
+        for p in reversed(list(self.procs.values())):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    log.error("pid %d did not stop in 60 s; killing it", p.pid)
+                    p.kill()
+                    p.wait(5)
         if self.lab:
             self.lab["stopped"] = int(time.time())
             _write_lab(self.dir, self.lab)
+
+    # ------------------------------------------------------------ failures, for tests and demos
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to one lab process ('isu2', 'head0') and reap it."""
+        p = self.procs[name]
+        p.send_signal(sig)
+        p.wait(30)
+
+    def restart_isu(self, index: int) -> dict[str, Any]:
+        """Start ISU `index` again (same disk, identity and port)."""
+        info = self._start_isu(index, self.dir / "ca")
+        self.lab["isus"][index] = info
+        _write_lab(self.dir, self.lab)
+        return info
+
+    def restart_head(self) -> dict[str, Any]:
+        info = self._start_head(self.dir / "ca")
+        self.lab["heads"] = [info]
+        _write_lab(self.dir, self.lab)
+        return info
 
     def wait(self) -> int:
         """Block until Ctrl-C / SIGTERM or until a child dies; then stop all."""
@@ -174,7 +251,7 @@ class Lab:
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while stop["signal"] is None:
-                dead = [p for p in self.procs if p.poll() is not None]
+                dead = [p for p in self.procs.values() if p.poll() is not None]
                 if dead:
                     log.error("lab process %d exited with %s; stopping the lab", dead[0].pid, dead[0].returncode)
                     return 1
@@ -192,19 +269,22 @@ def down(directory: str | os.PathLike, timeout: float = 15.0) -> list[int]:
     lab = read_lab(d)
     if lab is None:
         raise LabError(f"no lab in {d} (no {LAB_JSON})")
-    pids = [p for p in lab_pids(lab) if _alive(p)]
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    for p in pids:
-        if _alive(p):
-            os.kill(p, signal.SIGKILL)
-    return pids
+    heads = [h["pid"] for h in lab.get("heads", []) if _alive(h["pid"])]
+    isus = [i["pid"] for i in lab.get("isus", []) if _alive(i["pid"])]
+    for group, grace in ((heads, 60.0), (isus, timeout)):  # the head first: it unmounts cleanly
+        for p in group:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in group):
+            time.sleep(0.1)
+        for p in group:
+            if _alive(p):
+                log.error("pid %d did not stop in %.0f s; killing it", p, grace)
+                os.kill(p, signal.SIGKILL)
+    return heads + isus
 
 
 def summary(lab: dict[str, Any]) -> str:
@@ -214,10 +294,16 @@ def summary(lab: dict[str, Any]) -> str:
         lines.append(f"  {isu['name']}  {isu['uuid']}  pid {isu['pid']}")
         for e in isu["exports"]:
             lines.append(f"      {e}")
+    for h in lab.get("heads", []):
+        lines.append(f"  head {h['name']} ({h['role']})  pid {h['pid']}  array [{h['array']}]  API {h['api']}")
+    for v in lab.get("volumes", []):
+        lines.append(f"  volume {v['name']}  mounted at {v['mountpoint']}")
+        lines.append(f"      {v['export']}")
     first = lab["isus"][0]["exports"][0] if lab["isus"] else None
     lines += ["", f"TLS certificates for clients: {t}"]
     if first:
         lines.append(f"  try:  nbdinfo '{first}?tls-certificates={t}'")
     lines += [f"lab.json: {lab['dir']}/{LAB_JSON}",
+              f"Status: opie status --lab {lab['dir']}",
               f"Stop with Ctrl-C, or from another shell: opie lab down --dir {lab['dir']}"]
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import socket
@@ -86,6 +87,7 @@ class _Session:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     no_zeroes: bool = False
+    local: bool = False  # on the 0600 Unix socket: forced TLS does not apply
     tls: bool = False
     structured: bool = False
     export: Export | None = None
@@ -119,6 +121,7 @@ class NBDServer:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._server: asyncio.base_events.Server | None = None
+        self._unix_servers: list = []
         self._sessions: set[asyncio.Task] = set()
         self._lock = threading.Lock()  # guards _sessions when workers run
         self.connections_served = 0
@@ -143,6 +146,18 @@ class NBDServer:
         log.info("serving %d export(s) on %s:%d (tls %s%s)", len(self.exports), sockname[0], sockname[1],
                  self.tls_mode, f", {self.n_workers} worker threads" if self.n_workers else "")
         return sockname[0], sockname[1]
+
+    async def start_unix(self, path: str, mode: int = 0o600) -> str:
+        """Also listen on a Unix socket at `path` (mode 0600: only this host's
+        root may connect). Plain NBD, no TLS: for local clients such as the
+        head's own nbdfuse mounts. Served on the main loop."""
+        if os.path.exists(path):
+            os.unlink(path)
+        unix = await asyncio.start_unix_server(functools.partial(self._serve, local=True), path, limit=1 << 22)
+        os.chmod(path, mode)
+        self._unix_servers.append(unix)
+        log.info("serving %d export(s) on unix socket %s", len(self.exports), path)
+        return path
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -177,6 +192,8 @@ class NBDServer:
             self._listener.close()
         if self._server:
             self._server.close()
+        for u in self._unix_servers:
+            u.close()
         if self._workers:
             await asyncio.gather(*(asyncio.wrap_future(w.submit(self._cancel_sessions())) for w in self._workers),
                                  return_exceptions=True)
@@ -190,6 +207,8 @@ class NBDServer:
             await asyncio.gather(*self._sessions, return_exceptions=True)
         if self._server:
             await self._server.wait_closed()
+        for u in self._unix_servers:
+            await u.wait_closed()
 
     async def _cancel_sessions(self) -> None:
         """Cancel and await the sessions running on the calling loop."""
@@ -206,13 +225,13 @@ class NBDServer:
         return self.exports.get(name)
 
     # ------------------------------------------------------------ connection
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, local: bool = False) -> None:
         task = asyncio.current_task()
         with self._lock:
             self._sessions.add(task)
         peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
-        s = _Session(peer, reader, writer)
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unix"
+        s = _Session(peer, reader, writer, local=local)
         self.connections_served += 1
         try:
             try:
@@ -271,7 +290,7 @@ class NBDServer:
         await s.writer.drain()
 
     def _tls_missing(self, s: _Session) -> bool:
-        return self.tls_mode == TLSMode.REQUIRE and not s.tls
+        return self.tls_mode == TLSMode.REQUIRE and not s.tls and not s.local
 
     async def _option(self, s: _Session, option: int, data: bytes) -> bool:
         """Handle one option; True when the session ends the handshake."""

@@ -50,3 +50,21 @@ def nbdkit_factory():
     yield start
     for p in procs:
         stop(p)
+
+
+@pytest.fixture(scope="session")
+def head_lab(tmp_path_factory):
+    """One lab for the head scenarios: 5 ISUs of 256 MiB, a head with vol0
+    mounted. Scenarios that break something put it back (restart what they
+    killed) before they end; the fixture checks the array is whole again."""
+    from head.apiclient import HeadAPI
+    from lab.runner import Lab
+    d = tmp_path_factory.mktemp("headlab")
+    lab = Lab(d, isus=5, disk_size="256M")
+    try:
+        lab.up()
+        yield lab, HeadAPI.locate(lab_dir=str(d))
+    finally:
+        lab.down()
+        from head.mount import cleanup_stale
+        cleanup_stale(str(d / "head" / "run"), str(d / "mnt"))

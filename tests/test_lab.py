@@ -21,7 +21,7 @@ def opie(*args, timeout=120):
 
 def test_lab_up_down_restart_keeps_data(tmp_path):
     d = tmp_path / "lab"
-    res = opie("lab", "up", "--dir", str(d), "--isus", "3", "--disk-size", "64M", "--detach")
+    res = opie("lab", "up", "--dir", str(d), "--isus", "3", "--disk-size", "64M", "--no-head", "--detach")
     assert res.returncode == 0, res.stderr
     lab = json.loads((d / "lab.json").read_text())
     try:
@@ -48,7 +48,7 @@ def test_lab_up_down_restart_keeps_data(tmp_path):
     assert res.returncode == 0, res.stderr
     assert not any(_alive(i["pid"]) for i in lab["isus"])
     # restart: same identities, same data
-    res = opie("lab", "up", "--dir", str(d), "--isus", "3", "--disk-size", "64M", "--detach")
+    res = opie("lab", "up", "--dir", str(d), "--isus", "3", "--disk-size", "64M", "--no-head", "--detach")
     assert res.returncode == 0, res.stderr
     try:
         lab2 = json.loads((d / "lab.json").read_text())
@@ -63,7 +63,7 @@ def test_lab_up_down_restart_keeps_data(tmp_path):
 def test_lab_up_foreground_stops_on_ctrl_c(tmp_path):
     d = tmp_path / "lab"
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "lab", "up", "--dir", str(d), "--isus", "2",
-                             "--disk-size", "16M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--disk-size", "16M", "--no-head"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         lab = None

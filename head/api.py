@@ -1,0 +1,190 @@
+"""The head's REST API (JSON over HTTP) for the CLI and the GUI.
+
+Every request needs `Authorization: Bearer TOKEN` (the token lives in the
+head's state dir, mode 0600); anything else gets 401 and learns nothing.
+Handlers run in the HTTP server's threads and hand each operation to the
+head's event loop (`run_coroutine_threadsafe`), bounded by a timeout; they
+never touch head state directly.
+
+    GET    /v1/status                               array, volumes, snapshots, jobs
+    POST   /v1/snapshots          {volume, name}    take a snapshot (fs frozen)
+    DELETE /v1/snapshots/VOLUME/NAME                delete it (space comes back)
+    POST   /v1/snapshots/VOLUME/NAME/mount {mountpoint?}   mount read-only
+    POST   /v1/volumes            {name, size}      create a thin volume (exported, not mounted)
+    DELETE /v1/volumes/VOLUME     {recursive?}      delete an unmounted volume
+    POST   /v1/volumes/VOLUME/mount | unmount       mount or unmount a volume's filesystem
+    POST   /v1/array/scrub                          start a scrub job
+    POST   /v1/backups            {volume, to, keep_snapshot?}   start a backup job
+    POST   /v1/restores           {volume, from, snapshot?}      start a restore job
+    GET    /v1/jobs/ID                              a job's state and progress
+
+Errors are `{"error": "..."}` with 400 (bad input), 404 (unknown), 409
+(conflict with the current state) or 500.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT = 600.0
+MAX_BODY = 64 * 1024
+
+
+class _Error(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class APIServer:
+    def __init__(self, head, host: str, port: int):
+        self.head = head
+        self.loop = asyncio.get_running_loop()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "opie-head"
+
+            def log_message(self, fmt, *args):  # route to logging, not stderr
+                log.debug("%s %s", self.address_string(), fmt % args)
+
+            def _reply(self, status: int, obj) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _handle(self, method: str) -> None:
+                try:
+                    auth = self.headers.get("Authorization", "")
+                    if not hmac.compare_digest(auth.encode(), f"Bearer {api.head.token}".encode()):
+                        raise _Error(401, "missing or wrong API token")
+                    length = int(self.headers.get("Content-Length") or 0)
+                    if length > MAX_BODY:
+                        raise _Error(400, "request body too large")
+                    body = {}
+                    if length:
+                        try:
+                            body = json.loads(self.rfile.read(length))
+                        except ValueError:
+                            raise _Error(400, "request body is not JSON") from None
+                        if not isinstance(body, dict):
+                            raise _Error(400, "request body must be a JSON object")
+                    path = [urllib.parse.unquote(p) for p in self.path.split("?")[0].strip("/").split("/")]
+                    status, obj = api.dispatch(method, path, body)
+                    self._reply(status, obj)
+                except _Error as exc:
+                    self._reply(exc.status, {"error": str(exc)})
+                except Exception as exc:
+                    log.exception("API %s %s failed", method, self.path)
+                    self._reply(500, {"error": f"internal error: {exc}"})
+
+            def do_GET(self):
+                self._handle("GET")
+
+            def do_POST(self):
+                self._handle("POST")
+
+            def do_DELETE(self):
+                self._handle("DELETE")
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        h, p = self.httpd.server_address[:2]
+        self.url = f"http://{h}:{p}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="head-api", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        log.info("API on %s", self.url)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # ------------------------------------------------------------ routing
+    def _call(self, coro):
+        from head.daemon import HeadError  # noqa: PLC0415
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(CALL_TIMEOUT)
+        except HeadError as exc:
+            raise _Error(exc.status, str(exc)) from None
+
+    def _sync(self, fn, *args):
+        async def wrap():
+            return fn(*args)
+        return self._call(wrap())
+
+    def dispatch(self, method: str, path: list[str], body: dict):
+        head = self.head
+        if path[:1] != ["v1"]:
+            raise _Error(404, "unknown path")
+        p = path[1:]
+        if method == "GET" and p == ["status"]:
+            return 200, self._sync(head.status)
+        if method == "POST" and p == ["snapshots"]:
+            volume, name = _str(body, "volume"), _str(body, "name")
+            return 201, self._call(head.create_snapshot(volume, name))
+        if method == "DELETE" and len(p) == 3 and p[0] == "snapshots":
+            self._call(head.delete_snapshot(p[1], p[2]))
+            return 200, {"deleted": f"{p[1]}@{p[2]}"}
+        if method == "POST" and len(p) == 4 and p[0] == "snapshots" and p[3] == "mount":
+            from head.daemon import snapshot_export  # noqa: PLC0415
+            export = snapshot_export(p[1], p[2])
+            if export not in head.nbd.exports:
+                raise _Error(404, f"no snapshot {export}")
+            mp = body.get("mountpoint")
+            if mp is not None and not isinstance(mp, str):
+                raise _Error(400, "mountpoint must be a string")
+            return 200, self._call(head.mount(export, mp, read_only=True))
+        if method == "POST" and p == ["volumes"]:
+            name, size = _str(body, "name"), body.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+                raise _Error(400, "size: a positive number of bytes is required")
+            return 201, self._call(head.create_volume(name, size))
+        if method == "DELETE" and len(p) == 2 and p[0] == "volumes":
+            self._call(head.delete_volume(p[1], recursive=bool(body.get("recursive"))))
+            return 200, {"deleted": p[1]}
+        if method == "POST" and len(p) == 3 and p[0] == "volumes" and p[2] in ("mount", "unmount"):
+            if p[1] not in {v.name for v in head.pool.list_volumes()}:
+                raise _Error(404, f"no volume named {p[1]!r}")
+            if p[2] == "mount":
+                return 200, self._call(head.mount(p[1]))
+            self._call(head.unmount(p[1]))
+            return 200, {"unmounted": p[1]}
+        if method == "POST" and p == ["array", "scrub"]:
+            return 202, self._sync(lambda: head.start_scrub().to_json())
+        if method == "POST" and p == ["backups"]:
+            volume, to = _str(body, "volume"), _str(body, "to")
+            keep = bool(body.get("keep_snapshot", False))
+            return 202, self._sync(lambda: head.start_backup(volume, to, keep).to_json())
+        if method == "POST" and p == ["restores"]:
+            volume, src = _str(body, "volume"), _str(body, "from")
+            snap = body.get("snapshot")
+            if snap is not None and not isinstance(snap, str):
+                raise _Error(400, "snapshot must be a string")
+            return 202, self._sync(lambda: head.start_restore(volume, src, snap).to_json())
+        if method == "GET" and len(p) == 2 and p[0] == "jobs":
+            try:
+                job = head.jobs.jobs[int(p[1])]
+            except (ValueError, KeyError):
+                raise _Error(404, f"no job {p[1]}") from None
+            return 200, job.to_json()
+        raise _Error(404, f"no such call: {method} /{'/'.join(path)}")
+
+
+def _str(body: dict, key: str) -> str:
+    v = body.get(key)
+    if not isinstance(v, str) or not v:
+        raise _Error(400, f"{key}: a non-empty string is required")
+    return v

@@ -1,0 +1,161 @@
+"""The head's configuration: `head.json` in its state dir.
+
+Layout (JSON object, written atomically: temp file, fsync, rename):
+    {"magic": "opie-head", "version": 1, "name": "head0", "role": "active",
+     "members": ["nbds://HOST:PORT/EXPORT", ...],   # RAID5 members, any order
+     "tls_dir": DIR,                # ca-cert.pem + server/client certificates of this head
+     "nbd_listen": "127.0.0.1:0",   # the head's own NBD exports (volumes, snapshots)
+     "api_listen": "127.0.0.1:0",   # REST API for the CLI and GUI
+     "create_array": false,         # create the array if no member holds one
+     "assume_clean": false,         # only for members known to be all zeros (fresh sparse files)
+     "chunk_size": 65536, "rebuild_rate": null,
+     "mount_root": DIR,             # volumes mount below here (a shared bind mount)
+     "volumes": [{"name": "vol0", "size": BYTES, "mountpoint": DIR|null}],
+     "backups": [{"volume": "vol0", "to": TARGET, "every": SECONDS, "keep_snapshot": false}],
+     "shares": {...}}               # owned by shares/
+
+`load` validates every field and raises `ConfigError` naming the field; the
+file on disk is never changed by a failed validation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nbd import uri as nbd_uri
+
+log = logging.getLogger(__name__)
+
+MAGIC = "opie-head"
+VERSION = 1
+FILENAME = "head.json"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+
+
+class ConfigError(ValueError):
+    """The head configuration is invalid; nothing was changed."""
+
+
+@dataclass
+class VolumeSpec:
+    name: str
+    size: int
+    mountpoint: str | None = None
+
+
+@dataclass
+class BackupSpec:
+    volume: str
+    to: str
+    every: int  # seconds between scheduled runs
+    keep_snapshot: bool = False
+
+
+@dataclass
+class HeadConfig:
+    members: list[str]
+    tls_dir: str | None
+    mount_root: str
+    name: str = "head0"
+    role: str = "active"
+    nbd_listen: str = "127.0.0.1:0"
+    api_listen: str = "127.0.0.1:0"
+    create_array: bool = False
+    assume_clean: bool = False  # members known to be all zeros: skip the initial parity pass
+    chunk_size: int = 64 * 1024
+    rebuild_rate: float | None = None
+    volumes: list[VolumeSpec] = field(default_factory=list)
+    backups: list[BackupSpec] = field(default_factory=list)
+    shares: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "HeadConfig":
+        if not NAME.match(self.name):
+            raise ConfigError(f"name: {self.name!r} must be 1-32 of [A-Za-z0-9_-]")
+        if self.role not in ("active", "passive"):
+            raise ConfigError(f"role: expected 'active' or 'passive', got {self.role!r}")
+        if len(self.members) < 2:
+            raise ConfigError(f"members: RAID5 needs at least 2, got {len(self.members)}")
+        for m in self.members:
+            try:
+                u = nbd_uri.parse(m)
+            except ValueError as exc:
+                raise ConfigError(f"members: {exc}") from None
+            if u.tls and not self.tls_dir:
+                raise ConfigError(f"members: {m} needs TLS but tls_dir is not set")
+        if len(set(self.members)) != len(self.members):
+            raise ConfigError("members: the same export is listed twice")
+        if self.chunk_size < 4096 or self.chunk_size & (self.chunk_size - 1):
+            raise ConfigError(f"chunk_size: expected a power of two >= 4096, got {self.chunk_size}")
+        names = set()
+        for v in self.volumes:
+            if not NAME.match(v.name):
+                raise ConfigError(f"volumes: name {v.name!r} must be 1-32 of [A-Za-z0-9_-]")
+            if v.name in names:
+                raise ConfigError(f"volumes: {v.name} listed twice")
+            names.add(v.name)
+            if not isinstance(v.size, int) or v.size <= 0:
+                raise ConfigError(f"volumes: {v.name}: size must be a positive number of bytes")
+        for b in self.backups:
+            if b.volume not in names:
+                raise ConfigError(f"backups: unknown volume {b.volume!r}")
+            if b.every < 60:
+                raise ConfigError(f"backups: {b.volume}: 'every' must be at least 60 seconds")
+        return self
+
+    def mountpoint(self, volume: str) -> str:
+        for v in self.volumes:
+            if v.name == volume and v.mountpoint:
+                return v.mountpoint
+        return os.path.join(self.mount_root, volume)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"magic": MAGIC, "version": VERSION, **asdict(self)}
+
+
+def from_json(obj: Any) -> HeadConfig:
+    if not isinstance(obj, dict):
+        raise ConfigError("expected a JSON object")
+    if obj.get("magic") != MAGIC:
+        raise ConfigError(f"magic: expected {MAGIC!r}, got {obj.get('magic')!r}")
+    if obj.get("version") != VERSION:
+        raise ConfigError(f"version: expected {VERSION}, got {obj.get('version')!r}")
+    body = {k: v for k, v in obj.items() if k not in ("magic", "version")}
+    try:
+        body["volumes"] = [VolumeSpec(**v) for v in body.get("volumes", [])]
+        body["backups"] = [BackupSpec(**b) for b in body.get("backups", [])]
+        cfg = HeadConfig(**body)
+    except TypeError as exc:
+        raise ConfigError(f"unexpected or missing field: {exc}") from None
+    return cfg.validate()
+
+
+def load(state_dir: str | os.PathLike) -> HeadConfig:
+    path = Path(state_dir) / FILENAME
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no head configuration") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    try:
+        return from_json(obj)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def save(state_dir: str | os.PathLike, cfg: HeadConfig) -> None:
+    cfg.validate()
+    d = Path(state_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / (FILENAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(cfg.to_json(), f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / FILENAME)

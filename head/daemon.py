@@ -1,0 +1,396 @@
+"""The head daemon: composes members (nbd client), the RAID5 array (raid5),
+the volume pool (head.volumes), the head's own NBD exports, the mounted
+filesystems (head.mount), jobs and the REST API.
+
+Start order (the seed's 1.8.2): connect the members, assemble (or create,
+when the config asks and every member is blank), open (or, on a fresh array,
+format) the pool, create missing volumes, export volumes and snapshots over
+NBD, mount each volume's ext4, start the member watcher and the API. Stop
+runs the same steps backwards; every step is bounded.
+
+Threads: all array and pool work runs on the head's event loop. Mounting,
+unmounting and fsfreeze block in the kernel on I/O that this very loop must
+serve (ext4 -> loop -> nbdfuse -> our NBD server), so they always run in
+executor threads, never on the loop.
+
+Durability: an fsync on a mounted volume reaches the volume as an NBD FLUSH;
+the volume commits its mapping and flushes the array, which flushes every
+member. Only then is the fsync acknowledged.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from head import backup as head_backup
+from head import config as head_config
+from head import fsfreeze
+from head.config import HeadConfig
+from head.jobs import Job, Jobs
+from head.members import MemberWatcher, connect_all
+from head.volumes import NotFoundError, Pool, ValidationError
+from head.volumes import IntegrityError as PoolIntegrityError
+from nbd import tls
+from nbd.server import NBDServer, TLSMode
+from raid5 import assemble as raid5_assemble
+from raid5 import scrub as raid5_scrub
+from raid5.errors import AssemblyError
+from raid5.superblock import Superblock
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_SEP = "@"
+TOKEN_FILE = "api-token"
+
+
+class HeadError(Exception):
+    """An operation the admin asked for cannot be done; nothing was changed."""
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message)
+        self.status = status
+
+
+def snapshot_export(volume: str, snapshot: str) -> str:
+    return f"{volume}{SNAPSHOT_SEP}{snapshot}"
+
+
+async def _probe(member) -> str:
+    """'blank' (all zeros where a superblock would be), 'member', or 'foreign'."""
+    head = await member.read(0, 4096)
+    if not any(head):
+        return "blank"
+    try:
+        Superblock.from_bytes(head)
+        return "member"
+    except Exception:
+        return "foreign"
+
+
+class Head:
+    def __init__(self, state_dir: str | os.PathLike, cfg: HeadConfig):
+        self.state_dir = Path(state_dir)
+        self.cfg = cfg
+        self.client_tls = tls.client_context(cfg.tls_dir) if cfg.tls_dir else None
+        self.server_tls = tls.server_context(cfg.tls_dir) if cfg.tls_dir else None
+        self.clients: list = []
+        self.array = None
+        self.pool: Pool | None = None
+        self.nbd: NBDServer | None = None
+        self.nbd_addr: tuple[str, int] | None = None
+        self.nbd_socket: str | None = None
+        self.mounts: dict[str, Any] = {}  # export name -> head.mount.Mount
+        self.watcher: MemberWatcher | None = None
+        self.jobs = Jobs()
+        self.api = None
+        self._scheduler: asyncio.Task | None = None
+        self.started = time.time()
+        self.token = self._token()
+
+    # ------------------------------------------------------------ lifecycle
+    def _token(self) -> str:
+        path = self.state_dir / TOKEN_FILE
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+        return path.read_text().strip()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        from head.mount import cleanup_stale  # noqa: PLC0415
+        left = await asyncio.get_running_loop().run_in_executor(
+            None, cleanup_stale, str(self.state_dir / "run"), cfg.mount_root)
+        if left:
+            log.warning("cleaned up after an unclean stop: %s", "; ".join(left))
+        self.clients = await connect_all(cfg.members, self.client_tls)
+        present = [c for c in self.clients if c is not None]
+        kinds = await asyncio.gather(*(_probe(c) for c in present))
+        fresh = False
+        if present and all(k == "blank" for k in kinds):
+            if not cfg.create_array:
+                raise HeadError("every member is blank; set create_array to create the array")
+            if len(present) != len(cfg.members):
+                raise HeadError(f"creating an array needs every member; "
+                                f"{len(cfg.members) - len(present)} unreachable")
+            self.array = await raid5_assemble.create(present, chunk_size=cfg.chunk_size, name=cfg.name,
+                                                     assume_clean=cfg.assume_clean)
+            fresh = True
+        else:
+            foreign = [c.name for c, k in zip(present, kinds) if k == "foreign"]
+            if foreign:
+                raise HeadError(f"not Opie RAID5 members (refusing to touch them): {', '.join(foreign)}")
+            members = [c for c, k in zip(present, kinds) if k == "member"]
+            try:
+                self.array = await raid5_assemble.assemble(members, name=cfg.name, rate=cfg.rebuild_rate)
+            except AssemblyError as exc:
+                raise HeadError(f"cannot assemble the array: {exc}") from None
+        log.info("array %s: %s", cfg.name, self.array.state_string())
+        try:
+            self.pool = await (Pool.format(self.array) if fresh else Pool.open(self.array))
+        except PoolIntegrityError as exc:
+            raise HeadError(f"volume metadata on the array is damaged: {exc}") from None
+        existing = {v.name for v in self.pool.list_volumes()}
+        for spec in cfg.volumes:
+            if spec.name not in existing:
+                await self.pool.create_volume(spec.name, spec.size)
+                log.info("created volume %s (%d bytes)", spec.name, spec.size)
+        exports = {v.name: self.pool.open_volume(v.name) for v in self.pool.list_volumes()}
+        for s in self.pool.list_snapshots():
+            exports[snapshot_export(s.volume, s.name)] = self.pool.open_snapshot(s.volume, s.name)
+        self.nbd = NBDServer(exports, tls_context=self.server_tls,
+                             tls_mode=TLSMode.REQUIRE if self.server_tls else TLSMode.OFF)
+        host, port = _split(cfg.nbd_listen)
+        self.nbd_addr = await self.nbd.start(host, port)
+        # The head's own mounts reach the exports over a 0600 Unix socket: no
+        # TLS needed on the local path, and nbdfuse cannot load certificates.
+        self.nbd_socket = await self.nbd.start_unix(str(self.state_dir / "nbd.sock"))
+        self.watcher = MemberWatcher(self.array, cfg.members, self.client_tls, rate=cfg.rebuild_rate)
+        self.watcher.start()
+        for spec in cfg.volumes:
+            await self.mount(spec.name)
+        from head.api import APIServer  # noqa: PLC0415 (the API imports this module)
+        self.api = APIServer(self, *_split(cfg.api_listen))
+        self.api.start()
+        if cfg.backups:
+            self._scheduler = asyncio.ensure_future(self._backup_schedule())
+
+    async def stop(self) -> None:
+        """Unmount, stop exports, close the pool and the array cleanly."""
+        if self.api:
+            self.api.stop()
+        if self._scheduler:
+            self._scheduler.cancel()
+        await self.jobs.cancel_all()
+        for name in list(self.mounts):
+            await self.unmount(name)
+        from head.mount import release_shared_root  # noqa: PLC0415
+        for root in (str(self.state_dir / "run"), self.cfg.mount_root):
+            await asyncio.get_running_loop().run_in_executor(None, release_shared_root, root)
+        if self.watcher:
+            await self.watcher.stop()
+        if self.nbd:
+            await self.nbd.close()
+        if self.pool:
+            await self.pool.close()
+        if self.array:
+            await self.array.stop()
+        for c in self.clients:
+            if c is not None:
+                await c.close()
+        log.info("head %s stopped", self.cfg.name)
+
+    # ------------------------------------------------------------ addresses
+    def export_uri(self, export: str) -> str:
+        host, port = self.nbd_addr
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"{'nbds' if self.server_tls else 'nbd'}://{host}:{port}/{export}"
+
+    # ------------------------------------------------------------ mounts
+    async def mount(self, export: str, mountpoint: str | None = None, read_only: bool = False) -> dict:
+        from head.mount import Mount  # noqa: PLC0415
+        if export in self.mounts:
+            return self.mounts[export].status()
+        m = Mount(f"nbd+unix:///{export}?socket={self.nbd_socket}", mountpoint or self.cfg.mountpoint(export),
+                  read_only=read_only, mkfs=not read_only,
+                  bind_root=self.cfg.mount_root, runtime_dir=str(self.state_dir / "run"))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, m.up)
+        self.mounts[export] = m
+        log.info("mounted %s at %s%s", export, m.mountpoint, " (read-only)" if read_only else "")
+        return m.status()
+
+    async def unmount(self, export: str) -> None:
+        """Unmount; a mount still busy stays known (and raises) so a later
+        call can finish it."""
+        m = self.mounts.get(export)
+        if m is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, m.down)
+        except OSError as exc:
+            raise HeadError(f"cannot unmount {export}: {exc}") from None
+        del self.mounts[export]
+
+    # ------------------------------------------------------------ volumes
+    async def create_volume(self, name: str, size: int) -> dict:
+        """A new thin volume, exported at once (not mounted: mount it to get ext4)."""
+        try:
+            info = await self.pool.create_volume(name, size)
+        except ValidationError as exc:
+            raise HeadError(str(exc), 400) from None
+        self.nbd.exports[name] = self.pool.open_volume(name)
+        return {"name": info.name, "size": info.size, "export": self.export_uri(name)}
+
+    async def delete_volume(self, name: str, recursive: bool = False) -> None:
+        self._need_volume(name)
+        if name in self.mounts:
+            raise HeadError(f"volume {name} is mounted; unmount it first")
+        if any(spec.name == name for spec in self.cfg.volumes):
+            raise HeadError(f"volume {name} is in the head configuration; remove it there first")
+        snaps = [s.name for s in self.pool.list_snapshots(name)]
+        if snaps and not recursive:
+            raise HeadError(f"volume {name} has snapshots ({', '.join(snaps)}); delete them or ask recursive")
+        for s in snaps:
+            await self.delete_snapshot(name, s)
+        self.nbd.exports.pop(name, None)
+        await self.pool.delete_volume(name)
+
+    # ------------------------------------------------------------ snapshots
+    async def create_snapshot(self, volume: str, name: str) -> dict:
+        """Freeze the volume's filesystem (if mounted), snapshot, thaw. The
+        snapshot is then exported read-only as VOLUME@NAME."""
+        self._need_volume(volume)
+        m = self.mounts.get(volume)
+        loop = asyncio.get_running_loop()
+        try:
+            if m is not None:
+                await loop.run_in_executor(None, fsfreeze.freeze, m.mountpoint)
+            try:
+                info = await self.pool.create_snapshot(volume, name)
+            finally:
+                if m is not None:
+                    await loop.run_in_executor(None, fsfreeze.thaw, m.mountpoint)
+        except ValidationError as exc:
+            raise HeadError(str(exc), 400) from None
+        except OSError as exc:
+            raise HeadError(f"snapshot {volume}@{name} failed: {exc}") from None
+        export = snapshot_export(volume, name)
+        self.nbd.exports[export] = self.pool.open_snapshot(volume, name)
+        log.info("snapshot %s taken", export)
+        return {**_snap_json(info), "export": self.export_uri(export)}
+
+    async def delete_snapshot(self, volume: str, name: str) -> None:
+        export = snapshot_export(volume, name)
+        await self.unmount(export)
+        self.nbd.exports.pop(export, None)
+        try:
+            await self.pool.delete_snapshot(volume, name)
+        except NotFoundError as exc:
+            raise HeadError(str(exc), 404) from None
+        log.info("snapshot %s deleted", export)
+
+    def _need_volume(self, volume: str) -> None:
+        if volume not in {v.name for v in self.pool.list_volumes()}:
+            raise HeadError(f"no volume named {volume!r}", 404)
+
+    # ------------------------------------------------------------ array
+    def start_scrub(self) -> Job:
+        async def work(job: Job) -> dict:
+            report = await raid5_scrub.scrub(self.array)
+            return {"checked": report.checked, "repaired": report.repaired,
+                    "unrecoverable": report.unrecoverable, "mismatches": report.mismatches,
+                    "by_member": dict(report.by_member),
+                    "bad": [{"member": m, "stripe": s, "block": b} for m, s, b in report.bad[:1000]],
+                    "summary": report.summary()}
+        try:
+            return self.jobs.start("scrub", self.cfg.name, work)
+        except RuntimeError as exc:
+            raise HeadError(str(exc)) from None
+
+    # ------------------------------------------------------------ backups
+    def start_backup(self, volume: str, to: str, keep_snapshot: bool = False, full: bool = False) -> Job:
+        self._need_volume(volume)
+
+        async def work(job: Job) -> dict:
+            try:
+                return await head_backup.backup(self, volume, to, keep_snapshot=keep_snapshot, full=full, job=job)
+            except head_backup.BackupError as exc:
+                raise HeadError(str(exc)) from None
+        try:
+            return self.jobs.start("backup", f"{volume} -> {to}", work)
+        except RuntimeError as exc:
+            raise HeadError(str(exc)) from None
+
+    def start_restore(self, volume: str, src: str, snapshot: str | None = None) -> Job:
+        self._need_volume(volume)
+
+        async def work(job: Job) -> dict:
+            return await head_backup.restore(self, volume, src, job=job)
+        try:
+            return self.jobs.start("restore", f"{src} -> {volume}", work)
+        except RuntimeError as exc:
+            raise HeadError(str(exc)) from None
+
+    async def _backup_schedule(self) -> None:
+        """Run each configured backup every `every` seconds (first one after
+        one period); a run that fails is logged and retried next period."""
+        due = {i: time.monotonic() + b.every for i, b in enumerate(self.cfg.backups)}
+        while True:
+            await asyncio.sleep(5)
+            now = time.monotonic()
+            for i, b in enumerate(self.cfg.backups):
+                if now >= due[i]:
+                    due[i] = now + b.every
+                    try:
+                        self.start_backup(b.volume, b.to, b.keep_snapshot)
+                    except HeadError as exc:
+                        log.error("scheduled backup of %s to %s not started: %s", b.volume, b.to, exc)
+
+    # ------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        arr = self.array.status()
+        for kind, phase in self.array.phases.items():
+            arr.setdefault("progress", {})[kind.value] = {
+                "state": phase.state.value, "done": phase.done, "total": phase.total,
+                "fraction": round(phase.progress, 4)}
+        space = self.pool.space()
+        volumes = []
+        for v in self.pool.list_volumes():
+            m = self.mounts.get(v.name)
+            volumes.append({"name": v.name, "size": v.size, "mapped_bytes": v.mapped_bytes,
+                            "export": self.export_uri(v.name),
+                            "mountpoint": m.mountpoint if m else None,
+                            "filesystem": m.status() if m else None,
+                            "snapshots": [_snap_json(s) for s in self.pool.list_snapshots(v.name)]})
+        for job in self.jobs.jobs.values():
+            if job.kind == "scrub" and job.state.value == "running":
+                arr["scrub_job"] = job.id
+        return {"head": {"name": self.cfg.name, "role": self.cfg.role, "pid": os.getpid(),
+                         "uptime": round(time.time() - self.started, 1),
+                         "nbd": self.export_uri("")[:-1]},
+                "array": arr,
+                "pool": {k: getattr(space, k) for k in space.__dataclass_fields__},
+                "volumes": volumes,
+                "jobs": [j.to_json() for j in self.jobs.jobs.values()]}
+
+
+def _snap_json(info) -> dict:
+    return {k: getattr(info, k) for k in info.__dataclass_fields__}
+
+
+def _split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+async def run(state_dir: str) -> int:
+    """Run the head until SIGTERM/SIGINT. Prints one JSON ready line."""
+    import signal  # noqa: PLC0415
+    cfg = head_config.load(state_dir)
+    head = Head(state_dir, cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await head.start()
+    except BaseException:
+        await head.stop()
+        raise
+    print(json.dumps({"event": "ready", "name": cfg.name, "pid": os.getpid(), "api": head.api.url,
+                      "token_file": str(head.state_dir / TOKEN_FILE), "nbd": list(head.nbd_addr),
+                      "array": head.array.state_string(),
+                      "volumes": [{"name": v.name, "export": head.export_uri(v.name),
+                                   "mountpoint": head.mounts[v.name].mountpoint if v.name in head.mounts else None}
+                                  for v in head.pool.list_volumes()]}), flush=True)
+    await stop.wait()
+    await head.stop()
+    return 0

@@ -1,0 +1,100 @@
+"""The head's RAID members: NBD clients to ISU exports, and the watcher that
+brings a returning member back into the array.
+
+Contract: `connect_all` never raises for an unreachable member; it returns
+None in its place so the array can assemble degraded. The watcher runs on the
+head's loop; every `interval` it tries each failed role's export again and,
+when it answers, hands it to raid5's `re_add` (resync of only the regions
+written while it was away); a member whose superblock belongs to another
+array, or that was replaced, is left out and logged once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from nbd import uri as nbd_uri
+from nbd.client import NBDClient
+from raid5 import recovery
+from raid5.errors import AssemblyError
+from raid5.superblock import MemberState
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+IO_TIMEOUT = 15.0
+
+
+async def connect(uri: str, tls: ssl.SSLContext | None, *, timeout: float = CONNECT_TIMEOUT) -> NBDClient:
+    u = nbd_uri.parse(uri)
+    c = await NBDClient.connect(u.host, u.port, u.export, tls_context=tls if u.tls else None,
+                                timeout=timeout, reconnect_attempts=2)
+    c.timeout = IO_TIMEOUT
+    c.name = uri
+    return c
+
+
+async def connect_all(uris: list[str], tls: ssl.SSLContext | None) -> list[NBDClient | None]:
+    async def one(u: str) -> NBDClient | None:
+        try:
+            return await connect(u, tls)
+        except OSError as exc:
+            log.error("member %s unreachable: %s", u, exc)
+            return None
+    return list(await asyncio.gather(*(one(u) for u in uris)))
+
+
+class MemberWatcher:
+    """Re-adds failed members whose export answers again."""
+
+    def __init__(self, array, uris: list[str], tls: ssl.SSLContext | None, *, interval: float = 1.0,
+                 rate: float | None = None):
+        self.array = array
+        self.uris = uris
+        self.tls = tls
+        self.interval = interval
+        self.rate = rate
+        self.refused: set[str] = set()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _attached(self) -> set[str]:
+        return {s.member.name for s in self.array.slots
+                if s.member is not None and s.state is not MemberState.FAULTY}
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("member watcher pass failed")
+
+    async def check_once(self) -> None:
+        if self.array.failed or not any(s.state is MemberState.FAULTY for s in self.array.slots):
+            return
+        for uri in self.uris:
+            if uri in self._attached() or uri in self.refused:
+                continue
+            try:
+                client = await connect(uri, self.tls, timeout=2.0)
+            except OSError:
+                continue
+            try:
+                await recovery.re_add(self.array, client, rate=self.rate)
+                log.warning("member %s is back; resyncing what it missed (array %s)", uri,
+                            self.array.state_string())
+            except AssemblyError as exc:
+                log.error("member %s answers but cannot be re-added: %s", uri, exc)
+                self.refused.add(uri)
+                await client.close()
