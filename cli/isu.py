@@ -37,19 +37,114 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="certificate directory (ca-cert.pem, server-cert.pem, server-key.pem)")
     s.add_argument("--workers", type=int, default=None, metavar="N",
                    help="serve connections on N threads (default: one per CPU, at least 2; 0 = on the main loop)")
+    g = s.add_argument_group("cluster services (see isu/services.py)")
+    g.add_argument("--announce", metavar="IFADDR",
+                   help="announce _opie-isu._tcp on this IPv4 address and answer heads' heartbeats "
+                        "(implied, on the leased address, by --lease)")
+    g.add_argument("--lease", metavar="IFNAME",
+                   help="take an address for IFNAME from the head's lease server before serving, "
+                        "then keep renewing it")
+    g.add_argument("--cluster-token-file", metavar="FILE",
+                   help="the cluster token (hex) that signs lease messages; needed by --lease")
+    g.add_argument("--console", metavar="DEVICE", help="serve the admin console on this serial device")
+    g.add_argument("--interface", metavar="IFNAME",
+                   help="where a console-set address goes (default: the --lease interface, else eth0)")
+    g.add_argument("--watch-disks", nargs="?", const="", default=None, metavar="PATTERN",
+                   help="follow disks coming and going (kernel uevents): a new disk is listed as "
+                        "unassigned, a served disk that disappears fails at once; PATTERN "
+                        "(fnmatch on kernel names, e.g. 'sd*') picks the disks to follow")
     s.set_defaults(func=_serve)
+
+    c = isu_sub.add_parser(
+        "console", help="talk to an ISU's serial console",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=("Send each COMMAND (one argument each, e.g. 'status' 'set name isu3') to the\n"
+                     "ISU console on DEVICE and print the answers. Without COMMAND: 'status'.\n"
+                     "Exits 1 if the ISU answered any command with an error (it changed nothing)."),
+        epilog="example: opie isu console /dev/ttyUSB0 'set address 10.0.0.5/24' status")
+    c.add_argument("device", metavar="DEVICE")
+    c.add_argument("commands", nargs="*", metavar="COMMAND")
+    c.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
+    c.set_defaults(func=_console)
+
+    from cli.headapi import add_head_options
+    ls = isu_sub.add_parser("list", help="ISUs the head has discovered",
+                            description="Every ISU the head sees on the network: its class (new, "
+                                        "member, spare, foreign), liveness, address and TXT.")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    add_head_options(ls)
+    ls.set_defaults(func=_list)
+    ad = isu_sub.add_parser("adopt", help="bring a new ISU into the cluster",
+                            description="Adopt the ISU UUID as an array member or a spare: the head "
+                                        "records it in its config and tells the ISU its cluster.")
+    ad.add_argument("uuid", metavar="UUID")
+    ad.add_argument("--as", dest="role", required=True, choices=("member", "spare"))
+    ad.add_argument("--json", action="store_true", help="machine-readable output")
+    add_head_options(ad)
+    ad.set_defaults(func=_adopt)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from isu.agent import DEFAULT_STATE_DIR, serve
     from isu.disks import DiskError
     from isu.identity import IdentityError
+    from isu.services import ServiceOptions
 
     try:
-        return serve(args.state_dir or DEFAULT_STATE_DIR, args.disk, args.listen, args.tls_dir, args.workers)
+        options = ServiceOptions(announce=args.announce, lease=args.lease,
+                                 token_file=args.cluster_token_file, console=args.console,
+                                 interface=args.interface, watch_disks=args.watch_disks)
+        return serve(args.state_dir or DEFAULT_STATE_DIR, args.disk, args.listen, args.tls_dir, args.workers,
+                     options)
     except (DiskError, IdentityError) as exc:
         raise UsageError(str(exc)) from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise OpieError(f"cannot serve: {exc}") from None
+
+
+def _console(args: argparse.Namespace) -> int:
+    from isu.console import ConsoleError, run_admin_console
+
+    try:
+        replies = run_admin_console(args.device, args.commands or ["status"], timeout=args.timeout)
+    except ConsoleError as exc:
+        raise OpieError(str(exc)) from None
+    except OSError as exc:
+        raise OpieError(f"cannot open {args.device}: {exc.strerror or exc}") from None
+    for reply in replies:
+        for line in reply.lines:
+            print(line)
+        print(reply.final)
+    return 0 if all(r.ok for r in replies) else 1
+
+
+def _list(args: argparse.Namespace) -> int:
+    import json
+
+    from cli.headapi import call
+    isus = call(args, "GET", "/v1/isus")["isus"]
+    if args.json:
+        print(json.dumps(isus, indent=2))
+        return 0
+    if not isus:
+        print("no ISU discovered")
+    for i in isus:
+        print(f"{i['uuid']}  {i['class']:<7} {'alive' if i['alive'] else 'DEAD':<5} {i['address']}:{i['port']:<5}  "
+              f"{i['state']:<12} disks {i['disks']}  gen {i['config_gen']}  {i['name'] or ''}")
+    return 0
+
+
+def _adopt(args: argparse.Namespace) -> int:
+    import json
+    import urllib.parse
+
+    from cli.headapi import call
+    isu = call(args, "POST", f"/v1/isus/{urllib.parse.quote(args.uuid, safe='')}/adopt", {"role": args.role})
+    if args.json:
+        print(json.dumps(isu, indent=2))
+    else:
+        print(f"adopted {isu['uuid']} as {isu['role']} (exports {', '.join(isu['exports'])}; "
+              f"ISU config generation {isu['config_gen']})")
+    return 0

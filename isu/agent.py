@@ -71,16 +71,23 @@ class ISUAgent:
         self.server = NBDServer(self.disks, tls_context=ctx,
                                 tls_mode=TLSMode.REQUIRE if ctx else TLSMode.OFF,
                                 workers=workers if workers is not None else default_workers())
+        self.services: Any = None  # isu.services.IsuServices: address, presence, console, control, udev
 
     def close_disks(self) -> None:
         for d in self.disks.values():
             d.close()
 
     async def start(self) -> None:
+        if self.services:
+            await self.services.before_serve()
         self.host, self.port = (await self.server.start(self.host, self.port))[:2]
         log.info("ISU %s serving %s on %s:%d", self.uuid, ", ".join(self.disks), self.host, self.port)
+        if self.services:
+            await self.services.after_serve()
 
     async def stop(self) -> None:
+        if self.services:
+            await self.services.stop()
         await self.server.close()
         for d in self.disks.values():
             try:
@@ -99,7 +106,8 @@ class ISUAgent:
 
     def status(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "listen": f"{self.host}:{self.port}", "tls": bool(self.tls_dir),
-                "disks": [d.status() for d in self.disks.values()], "exports": self.export_urls()}
+                "disks": [d.status() for d in self.disks.values()], "exports": self.export_urls(),
+                **(self.services.status() if self.services else {})}
 
 
 async def run(agent: ISUAgent) -> None:
@@ -115,8 +123,12 @@ async def run(agent: ISUAgent) -> None:
 
 
 def serve(state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None,
-          workers: int | None = None) -> int:
+          workers: int | None = None, services: Any = None) -> int:
+    """`services`: an isu.services.ServiceOptions, or None for NBD only."""
     agent = ISUAgent(state_dir, disk_specs, listen, tls_dir, workers)
+    if services is not None and services.wanted:
+        from isu.services import IsuServices  # noqa: PLC0415
+        agent.services = IsuServices(agent, services)
     try:
         asyncio.run(run(agent))
     finally:
