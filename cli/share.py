@@ -1,8 +1,10 @@
-"""`opie share add|del|list`: edit the shares config file.
+"""`opie share add|del|list`: shares on the head, or in a shares file.
 
-The CLI edits the file the head reads (`--config`, default under the state
-dir); the head applies it to the running servers. Bad input is reported as
-one line per field and leaves the file untouched.
+Without `--config` the command goes to the running head's API, which
+validates the whole change, applies it to smbd and ganesha live and records
+it. With `--config FILE` it edits that file offline instead (for preparing a
+head's shares before it runs). Bad input is reported as one line and changes
+nothing, in either mode.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ def default_config() -> Path:
 
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
+    from cli.headapi import add_head_options
     parser.add_argument("--config", type=Path, default=None,
-                        help="shares config file, .json or .yaml "
-                             "(default: $OPIE_SHARES_STATE/shares.json, /var/lib/opie/shares)")
+                        help="edit this shares file (.json or .yaml) offline instead of the running head")
+    add_head_options(parser)
 
 
 def config_path(args: argparse.Namespace) -> Path:
@@ -39,7 +42,22 @@ def _load(path: Path):
         raise UsageError(str(exc)) from exc
 
 
+def _api_fields(args: argparse.Namespace) -> dict:
+    return {"name": args.name, "volume": args.volume, "path": args.path, "protocol": args.protocol,
+            "read_only": args.read_only, "users": args.user, "groups": args.group, "guest_ok": args.guest,
+            "networks": args.network, "root_squash": not args.no_root_squash,
+            "previous_versions": args.previous_versions, "comment": args.comment}
+
+
 def cmd_add(args: argparse.Namespace) -> int:
+    if args.config is None:
+        from cli.headapi import call
+        if args.mountpoint:
+            raise UsageError("mountpoint: the head knows where its volumes are mounted; "
+                             "--mountpoint goes with --config only")
+        call(args, "POST", "/v1/shares", _api_fields(args))
+        print(f"share {args.name} added and applied")
+        return 0
     path = config_path(args)
     table = _load(path)
     if table.get(args.name) is not None:
@@ -69,6 +87,11 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_del(args: argparse.Namespace) -> int:
+    if args.config is None:
+        from cli.headapi import call
+        call(args, "DELETE", f"/v1/shares/{args.name}")
+        print(f"share {args.name} removed")
+        return 0
     path = config_path(args)
     table = _load(path)
     try:
@@ -82,7 +105,12 @@ def cmd_del(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    table = _load(config_path(args))
+    if args.config is None:
+        from cli.headapi import call
+        from shares.model import ShareTable
+        table = ShareTable.from_dict({"volumes": {}, "shares": call(args, "GET", "/v1/shares")})
+    else:
+        table = _load(config_path(args))
     if args.json:
         print(json.dumps(table.to_dict(), indent=2))
         return 0

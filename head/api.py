@@ -17,6 +17,9 @@ never touch head state directly.
     POST   /v1/backups            {volume, to, keep_snapshot?}   start a backup job
     POST   /v1/restores           {volume, from, snapshot?}      start a restore job
     GET    /v1/jobs/ID                              a job's state and progress
+    GET    /v1/shares                               share definitions
+    POST   /v1/shares             {name, volume, protocol, ...}   add a share (applied live)
+    DELETE /v1/shares/NAME                          remove a share (applied live)
 
 Errors are `{"error": "..."}` with 400 (bad input), 404 (unknown), 409
 (conflict with the current state) or 500.
@@ -162,6 +165,8 @@ class APIServer:
                 return 200, self._call(head.mount(p[1]))
             self._call(head.unmount(p[1]))
             return 200, {"unmounted": p[1]}
+        if p[:1] == ["shares"]:
+            return self._shares(method, p[1:], body)
         if method == "POST" and p == ["array", "scrub"]:
             return 202, self._sync(lambda: head.start_scrub().to_json())
         if method == "POST" and p == ["backups"]:
@@ -181,6 +186,26 @@ class APIServer:
                 raise _Error(404, f"no job {p[1]}") from None
             return 200, job.to_json()
         raise _Error(404, f"no such call: {method} /{'/'.join(path)}")
+
+
+    def _shares(self, method: str, p: list[str], body: dict):
+        from shares.errors import CallError, ValidationErrors  # noqa: PLC0415
+        files = self.head.files
+        if files is None:
+            raise _Error(409, "shares are not enabled on this head (head.json: shares.enabled)")
+        try:
+            if method == "GET" and not p:
+                return 200, self._sync(files.list)
+            if method == "POST" and not p:
+                return 201, self._call(files.add(body))
+            if method == "DELETE" and len(p) == 1:
+                self._call(files.delete(p[0]))
+                return 200, {"deleted": p[0]}
+        except ValidationErrors as exc:
+            raise _Error(400, str(exc)) from None
+        except CallError as exc:
+            raise _Error(500, str(exc)) from None
+        raise _Error(404, f"no such call: {method} /v1/shares/{'/'.join(p)}")
 
 
 def _str(body: dict, key: str) -> str:

@@ -90,6 +90,7 @@ class Head:
         self.jobs = Jobs()
         self.api = None
         self._scheduler: asyncio.Task | None = None
+        self.files = None  # head.fileservice.FileService when shares are enabled
         self.started = time.time()
         self.token = self._token()
 
@@ -156,6 +157,14 @@ class Head:
         self.watcher.start()
         for spec in cfg.volumes:
             await self.mount(spec.name)
+        if cfg.shares.get("enabled"):
+            from head.fileservice import FileService, FileServiceConfig  # noqa: PLC0415
+            try:
+                fs_cfg = FileServiceConfig.from_dict(cfg.shares)
+            except (TypeError, ValueError) as exc:
+                raise HeadError(f"head config: {exc}") from None
+            self.files = FileService(self, fs_cfg)
+            await self.files.start()
         from head.api import APIServer  # noqa: PLC0415 (the API imports this module)
         self.api = APIServer(self, *_split(cfg.api_listen))
         self.api.start()
@@ -169,8 +178,14 @@ class Head:
         if self._scheduler:
             self._scheduler.cancel()
         await self.jobs.cancel_all()
-        for name in list(self.mounts):
-            await self.unmount(name)
+        if self.files:
+            await self.files.stop()
+            self.files = None
+        for name in sorted(self.mounts, key=lambda n: SNAPSHOT_SEP not in n):  # snapshots first
+            try:
+                await self.unmount(name)
+            except HeadError as exc:
+                log.error("%s", exc)
         from head.mount import release_shared_root  # noqa: PLC0415
         for root in (str(self.state_dir / "run"), self.cfg.mount_root):
             await asyncio.get_running_loop().run_in_executor(None, release_shared_root, root)
@@ -205,6 +220,8 @@ class Head:
         await loop.run_in_executor(None, m.up)
         self.mounts[export] = m
         log.info("mounted %s at %s%s", export, m.mountpoint, " (read-only)" if read_only else "")
+        if self.files and SNAPSHOT_SEP not in export:
+            await self.files.after_mount(export)
         return m.status()
 
     async def unmount(self, export: str) -> None:
@@ -213,6 +230,8 @@ class Head:
         m = self.mounts.get(export)
         if m is None:
             return
+        if self.files and SNAPSHOT_SEP not in export:
+            await self.files.before_unmount(export)
         try:
             await asyncio.get_running_loop().run_in_executor(None, m.down)
         except OSError as exc:
@@ -265,10 +284,14 @@ class Head:
         export = snapshot_export(volume, name)
         self.nbd.exports[export] = self.pool.open_snapshot(volume, name)
         log.info("snapshot %s taken", export)
+        if self.files:
+            await self.files.snapshot_added(volume, name, info.created)
         return {**_snap_json(info), "export": self.export_uri(export)}
 
     async def delete_snapshot(self, volume: str, name: str) -> None:
         export = snapshot_export(volume, name)
+        if self.files:
+            await self.files.snapshot_removed(export)
         await self.unmount(export)
         self.nbd.exports.pop(export, None)
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -28,12 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from head.apiclient import APIError
 from nbd import tls
 
 log = logging.getLogger(__name__)
 
 LAB_JSON = "lab.json"
 READY_TIMEOUT = 30.0
+LAB_USER = "opielab"
 HEAD_READY_TIMEOUT = 180.0
 
 
@@ -164,6 +167,9 @@ class Lab:
             cfg = head_config.HeadConfig(members=members, tls_dir=str(tls_dir), mount_root=str(self.dir / "mnt"),
                                          create_array=True, assume_clean=True,
                                          api_listen=f"127.0.0.1:{_lab_port(home, 'api-port')}",
+                                         shares={"enabled": True, "bind_address": "127.0.0.1",
+                                                 "smb_port": _lab_port(home, "smb-port"),
+                                                 "nfs_port": _lab_port(home, "nfs-port")},
                                          nbd_listen=f"127.0.0.1:{_lab_port(home, 'nbd-port')}",
                                          volumes=[head_config.VolumeSpec("vol0", vol_size)])
         else:  # ISU ports change between runs; members are found by their superblocks
@@ -181,6 +187,49 @@ class Lab:
         return {"name": ready["name"], "role": "active", "pid": proc.pid, "api": ready["api"],
                 "token_file": ready["token_file"], "array": ready["array"], "log": str(log_path)}
 
+    def _check_traversable(self) -> None:
+        """Share users reach the volume as themselves (smbd switches to their
+        uid), so every directory above the mount root must let others pass."""
+        for parent in [self.dir, *self.dir.parents]:
+            if not os.stat(parent).st_mode & 0o001:
+                raise LabError(f"{parent} is not traversable by other users (mode "
+                               f"{oct(os.stat(parent).st_mode & 0o777)}); share users could not reach "
+                               f"the volume. Use a --dir under a world-traversable path such as /var/tmp")
+
+    def _lab_shares(self) -> list[dict[str, Any]]:
+        """The lab's user and its share of vol0 (SMB and NFS, previous versions
+        on), created once; returns lab.json's `shares` entries."""
+        from head.apiclient import HeadAPI  # noqa: PLC0415
+        from head.fileservice import FileServiceConfig, lab_clients  # noqa: PLC0415
+        from head import config as head_config  # noqa: PLC0415
+        from shares.model import ShareTable  # noqa: PLC0415
+        state = self.dir / "head" / "shares"
+        pw_file = state / "lab-password"
+        if not pw_file.exists():
+            state.mkdir(parents=True, exist_ok=True)
+            fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(12) + "\n")
+        password = pw_file.read_text().strip()
+        listed = subprocess.run([sys.executable, "-m", "cli.main", "user", "list", "--json", "--state-dir", str(state)],
+                                capture_output=True, text=True, timeout=60)
+        if listed.returncode != 0 or LAB_USER not in listed.stdout:
+            res = subprocess.run([sys.executable, "-m", "cli.main", "user", "add", LAB_USER, "--password-stdin",
+                                  "--state-dir", str(state)], input=password + "\n", capture_output=True,
+                                 text=True, timeout=60)
+            if res.returncode != 0:
+                raise LabError(f"cannot create the lab user {LAB_USER}: {res.stderr.strip()}")
+        h = self.lab["heads"][0]
+        api = HeadAPI.locate(h["api"], h["token_file"])
+        if not any(s["name"] == "vol0" for s in api.call("GET", "/v1/shares")):
+            api.call("POST", "/v1/shares", {"name": "vol0", "volume": "vol0", "protocol": "both",
+                                            "users": [LAB_USER], "networks": ["127.0.0.0/8"],
+                                            "previous_versions": True,
+                                            "comment": "the lab volume"})
+        cfg = FileServiceConfig.from_dict(head_config.load(self.dir / "head").shares)
+        table = ShareTable.from_dict({"volumes": {}, "shares": api.call("GET", "/v1/shares")})
+        return lab_clients(table, "127.0.0.1", cfg, LAB_USER, password)
+
     def up(self) -> dict[str, Any]:
         self.dir.mkdir(parents=True, exist_ok=True)
         old = read_lab(self.dir)
@@ -189,6 +238,8 @@ class Lab:
             if alive:
                 raise LabError(f"a lab is already running in {self.dir} (pids {', '.join(map(str, alive))}); "
                                f"stop it with: opie lab down --dir {self.dir}")
+        if self.with_head:
+            self._check_traversable()
         ca = self._certificates()
         self.lab = {"dir": str(self.dir), "isus": [], "heads": [], "volumes": [], "shares": [],
                     "tls_certificates": str(self.dir / "tls"), "started": int(time.time())}
@@ -198,6 +249,10 @@ class Lab:
                 _write_lab(self.dir, self.lab)
             if self.with_head:
                 self.lab["heads"].append(self._start_head(ca))
+                try:
+                    self.lab["shares"] = self._lab_shares()
+                except APIError as exc:
+                    raise LabError(f"cannot set up the lab's shares: {exc}") from None
                 _write_lab(self.dir, self.lab)
         except BaseException:
             self.down()
@@ -299,6 +354,13 @@ def summary(lab: dict[str, Any]) -> str:
     for v in lab.get("volumes", []):
         lines.append(f"  volume {v['name']}  mounted at {v['mountpoint']}")
         lines.append(f"      {v['export']}")
+    if lab.get("shares"):
+        from shares.clients import how_to_connect  # noqa: PLC0415
+        lines.append("")
+        for sh in lab["shares"]:
+            lines.append(f"  share {sh['name']} ({sh['protocol']})  {sh['url']}"
+                         + (f"  user {sh['user']} password {sh['password']}" if sh.get("user") else ""))
+            lines.append(f"      {how_to_connect(sh)}")
     first = lab["isus"][0]["exports"][0] if lab["isus"] else None
     lines += ["", f"TLS certificates for clients: {t}"]
     if first:

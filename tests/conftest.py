@@ -59,7 +59,13 @@ def head_lab(tmp_path_factory):
     killed) before they end; the fixture checks the array is whole again."""
     from head.apiclient import HeadAPI
     from lab.runner import Lab
-    d = tmp_path_factory.mktemp("headlab")
+    import pathlib
+    import shutil
+    import tempfile
+    # share users reach the volume as themselves: every parent must be
+    # traversable, which pytest's 0700 tmp dirs are not
+    d = pathlib.Path(tempfile.mkdtemp(prefix="opie-headlab-", dir="/var/tmp"))
+    d.chmod(0o755)
     lab = Lab(d, isus=5, disk_size="256M")
     try:
         lab.up()
@@ -68,3 +74,9 @@ def head_lab(tmp_path_factory):
         lab.down()
         from head.mount import cleanup_stale
         cleanup_stale(str(d / "head" / "run"), str(d / "mnt"))
+        import subprocess
+        from lab.runner import LAB_USER
+        subprocess.run([sys.executable, "-m", "cli.main", "user", "del", LAB_USER,
+                        "--state-dir", str(d / "head" / "shares")], capture_output=True, timeout=60)
+        if not any(str(d) in line for line in open("/proc/mounts")):
+            shutil.rmtree(d, ignore_errors=True)
