@@ -12,7 +12,17 @@ Layout (JSON object, written atomically: temp file, fsync, rename):
      "mount_root": DIR,             # volumes mount below here (a shared bind mount)
      "volumes": [{"name": "vol0", "size": BYTES, "mountpoint": DIR|null}],
      "backups": [{"volume": "vol0", "to": TARGET, "every": SECONDS, "keep_snapshot": false}],
-     "shares": {...}}               # owned by shares/
+     "shares": {...},               # owned by shares/
+     # discovery (head/cluster.py); all optional, off by default:
+     "discover": false,             # find ISUs by zeroconf; with members [] the array's members too
+     "cluster_id": "",              # this cluster's id (ISUs of another id are foreign)
+     "discover_address": null,      # IPv4 address to browse and heartbeat on (default: api_listen's)
+     "discover_members": 0,         # members to wait for before creating the array
+     "discover_timeout": 120.0,     # bound on that wait at boot
+     "lease_pool": null,            # "A.B.C.D-E" or CIDR: run the lease server with this pool
+     "lease_interface": "eth0", "lease_prefixlen": 24, "lease_secs": 3600,
+     "lease_token_file": null,      # cluster token (hex) that signs lease messages
+     "isus": [{"uuid": U, "role": "member"|"spare", "exports": [NAME]}]}   # adopted ISUs
 
 `load` validates every field and raises `ConfigError` naming the field; the
 file on disk is never changed by a failed validation.
@@ -72,14 +82,26 @@ class HeadConfig:
     volumes: list[VolumeSpec] = field(default_factory=list)
     backups: list[BackupSpec] = field(default_factory=list)
     shares: dict[str, Any] = field(default_factory=dict)
+    discover: bool = False
+    cluster_id: str = ""
+    discover_address: str | None = None
+    discover_members: int = 0
+    discover_timeout: float = 120.0
+    lease_pool: str | None = None
+    lease_interface: str = "eth0"
+    lease_prefixlen: int = 24
+    lease_secs: int = 3600
+    lease_token_file: str | None = None
+    isus: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> "HeadConfig":
         if not NAME.match(self.name):
             raise ConfigError(f"name: {self.name!r} must be 1-32 of [A-Za-z0-9_-]")
         if self.role not in ("active", "passive"):
             raise ConfigError(f"role: expected 'active' or 'passive', got {self.role!r}")
-        if len(self.members) < 2:
+        if len(self.members) < 2 and not (self.discover and not self.members):
             raise ConfigError(f"members: RAID5 needs at least 2, got {len(self.members)}")
+        self._validate_discovery()
         for m in self.members:
             try:
                 u = nbd_uri.parse(m)
@@ -107,6 +129,25 @@ class HeadConfig:
                 raise ConfigError(f"backups: {b.volume}: 'every' must be at least 60 seconds")
         return self
 
+    def _validate_discovery(self) -> None:
+        if not self.discover:
+            return
+        if not self.cluster_id or not self.cluster_id.isprintable() or " " in self.cluster_id \
+                or len(self.cluster_id) > 64:
+            raise ConfigError(f"cluster_id: discovery needs 1-64 printable characters, got {self.cluster_id!r}")
+        if not self.members and not 0 <= self.discover_members <= 64:
+            raise ConfigError(f"discover_members: expected 0..64, got {self.discover_members}")
+        if self.lease_pool is not None and not self.lease_token_file:
+            raise ConfigError("lease_token_file: the lease server needs the cluster token")
+        seen = set()
+        for i in self.isus:
+            if not isinstance(i, dict) or i.get("role") not in ("member", "spare") \
+                    or not isinstance(i.get("uuid"), str) or not isinstance(i.get("exports", []), list):
+                raise ConfigError(f"isus: expected {{uuid, role: member|spare, exports}}, got {i!r}")
+            if i["uuid"] in seen:
+                raise ConfigError(f"isus: {i['uuid']} listed twice")
+            seen.add(i["uuid"])
+
     def mountpoint(self, volume: str) -> str:
         for v in self.volumes:
             if v.name == volume and v.mountpoint:
@@ -114,7 +155,10 @@ class HeadConfig:
         return os.path.join(self.mount_root, volume)
 
     def to_json(self) -> dict[str, Any]:
-        return {"magic": MAGIC, "version": VERSION, **asdict(self)}
+        body = asdict(self)
+        if getattr(self, "discovered_members", False):  # found at boot (head/cluster.py): never written back
+            body["members"] = []
+        return {"magic": MAGIC, "version": VERSION, **body}
 
 
 def from_json(obj: Any) -> HeadConfig:
