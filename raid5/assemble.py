@@ -126,6 +126,7 @@ async def assemble(members: Sequence[Member], *, journal: bool = True, name: str
                             f"{', '.join(s.name for s in unhealthy)} missing or out of sync; "
                             f"RAID5 survives one member only")
     dirty: set[int] = set()
+    retired = 0
     for m, sb in found:
         try:
             bm = BitmapRecord.from_bytes(await m.read(BITMAP_OFFSET, BLOCK))
@@ -133,16 +134,18 @@ async def assemble(members: Sequence[Member], *, journal: bool = True, name: str
             log.warning("%s: bitmap unreadable (%s)", m.name, exc)
             continue
         dirty |= set(bm.dirty_regions())
+        retired = max(retired, bm.retired_seq)
     arr = Array(geom, main, slots, region_stripes=newest.region_stripes, events=newest.events,
                 dirty_regions=dirty, journal=journal, name=name, scrub_stripe=newest.scrub_stripe)
     for slot in slots:
         if slot.state is MemberState.RESYNCING:
             slot.stale_regions = set(dirty)
-    records = await _scan_rings(arr) if journal else {}
+    records = await _scan_rings(arr, retired) if journal else {}
     await arr.write_superblocks(bump=changed)
     if dirty:
         log.warning("%s: unclean stop, resyncing %d dirty regions", name, len(dirty))
     await recovery.resync_dirty(arr, records)
+    await arr.make_room()
     if start_recovery:
         for slot in slots:
             if slot.state is MemberState.REBUILDING:
@@ -153,9 +156,10 @@ async def assemble(members: Sequence[Member], *, journal: bool = True, name: str
     return arr
 
 
-async def _scan_rings(arr: Array) -> dict[int, tuple[PPLRecord, bytes]]:
-    """Newest valid log record per stripe, from each live member's ring."""
-    newest: dict[int, tuple[PPLRecord, bytes]] = {}
+async def _scan_rings(arr: Array, retired: int) -> dict[int, list[tuple[PPLRecord, bytes]]]:
+    """Live log records (seq above `retired`) per stripe, newest first."""
+    live: dict[int, list[tuple[PPLRecord, bytes]]] = {}
+    top = 0
     for role in arr.live_roles():
         slot = arr.slots[role]
         raw = await arr.mread(role, PPL_OFFSET, arr.geom.ppl_size)
@@ -163,12 +167,15 @@ async def _scan_rings(arr: Array) -> dict[int, tuple[PPLRecord, bytes]]:
         for pos, rec, payload in scan(raw, arr.uuid, slot.ppl_generation, arr.geom.data_chunks):
             if rec.stripe >= arr.geom.stripes or arr.geom.parity_role(rec.stripe) != role:
                 continue
-            arr.logged.add(rec.stripe)
-            arr.resume_seq(rec.seq)
+            arr.logged[rec.stripe] = max(arr.logged.get(rec.stripe, 0), rec.seq)
+            top = max(top, rec.seq)
             if rec.seq > last_seq:
                 last_seq, last_end = rec.seq, pos + rec.length
-            if rec.stripe not in newest or newest[rec.stripe][0].seq < rec.seq:
-                newest[rec.stripe] = (rec, payload)
+            if rec.seq > retired:
+                live.setdefault(rec.stripe, []).append((rec, payload))
         if slot.ring is not None:
             slot.ring.resume_after(last_end)
-    return newest
+    arr.resume_seq(top, retired)
+    for records in live.values():
+        records.sort(key=lambda rp: -rp[0].seq)
+    return live

@@ -23,11 +23,12 @@ BM_VERSION = 1
 #   4  H     version (1)
 #   6  H     reserved (0)
 #   8  Q     events of the superblock it was written with
-#  16  I     region stripes (stripes per bit)
-#  20  I     bits in use
-#  24  4068s bits, bit r of byte r//8 (LSB first) set = region r dirty
+#  16  Q     retired seq: log records with seq <= this are obsolete (flushed)
+#  24  I     region stripes (stripes per bit)
+#  28  I     bits in use
+#  32  4060s bits, bit r of byte r//8 (LSB first) set = region r dirty
 # 4092 I     crc32 of bytes 0..4091
-_HEAD = struct.Struct("<4sHHQII")
+_HEAD = struct.Struct("<4sHHQQII")
 BITS_BYTES = BLOCK - _HEAD.size - 4
 MAX_REGIONS = BITS_BYTES * 8
 
@@ -35,6 +36,7 @@ MAX_REGIONS = BITS_BYTES * 8
 @dataclass(frozen=True)
 class BitmapRecord:
     events: int
+    retired_seq: int
     region_stripes: int
     nbits: int
     bits: bytes
@@ -43,25 +45,25 @@ class BitmapRecord:
         return [r for r in range(self.nbits) if self.bits[r // 8] >> (r % 8) & 1]
 
     @classmethod
-    def from_regions(cls, events: int, region_stripes: int, nbits: int,
+    def from_regions(cls, events: int, retired_seq: int, region_stripes: int, nbits: int,
                      regions: set[int]) -> "BitmapRecord":
         bits = bytearray(BITS_BYTES)
         for r in regions:
             bits[r // 8] |= 1 << (r % 8)
-        return cls(events, region_stripes, nbits, bytes(bits))
+        return cls(events, retired_seq, region_stripes, nbits, bytes(bits))
 
     def to_bytes(self) -> bytes:
-        body = _HEAD.pack(BM_MAGIC, BM_VERSION, 0, self.events, self.region_stripes,
-                          self.nbits) + self.bits.ljust(BITS_BYTES, b"\0")
+        body = _HEAD.pack(BM_MAGIC, BM_VERSION, 0, self.events, self.retired_seq,
+                          self.region_stripes, self.nbits) + self.bits.ljust(BITS_BYTES, b"\0")
         return body + struct.pack("<I", zlib.crc32(body))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "BitmapRecord":
         expect("bitmap length", BLOCK, len(data))
-        magic, version, _, events, region, nbits = _HEAD.unpack_from(data)
+        magic, version, _, events, retired, region, nbits = _HEAD.unpack_from(data)
         expect("bitmap magic", BM_MAGIC, magic)
         expect("bitmap version", BM_VERSION, version)
         (crc,) = struct.unpack_from("<I", data, BLOCK - 4)
         expect("bitmap crc32", crc, zlib.crc32(data[:BLOCK - 4]))
         expect("bitmap bits in range", True, nbits <= MAX_REGIONS)
-        return cls(events, region, nbits, bytes(data[_HEAD.size:BLOCK - 4]))
+        return cls(events, retired, region, nbits, bytes(data[_HEAD.size:BLOCK - 4]))

@@ -94,13 +94,17 @@ class Array:
         self.scrub_stripe = scrub_stripe
         self.clean = False
         self.failed: ArrayFailed | None = None
-        self.logged: set[int] = set()
+        self.logged: dict[int, int] = {}      # stripe -> seq of its newest log record
         self.locks = StripeLocks()
         self.stats = ArrayStats()
         self.phases: dict[PhaseKind, Phase] = {}
         self.last_scrub = None
         self.tasks: set[asyncio.Task] = set()
         self._seq = 0
+        self._live_seqs: set[int] = set()     # log records whose update is not yet written
+        self._retired = 0                     # seq retired by the last flush (maybe not durable)
+        self.retired_durable = 0              # seq retired in a bitmap written with FUA
+        self._room_lock = asyncio.Lock()
         self._dirty = set(dirty_regions)
         self._durable = set(dirty_regions)
         self._inflight: Counter = Counter()
@@ -140,7 +144,8 @@ class Array:
         async def one(s: int, items: list[tuple[int, int, int, int]]) -> None:
             async with self._sem, self.locks.hold(s):
                 for index, lo, hi, pos in items:
-                    out[pos:pos + hi - lo] = await stripe_ops.read_chunk(self, s, index, lo, hi)
+                    chunk = await stripe_ops.read_chunk(self, s, index, lo, hi)
+                    out[pos:pos + hi - lo] = chunk.data
 
         await asyncio.gather(*(one(s, items) for s, items in self._split(offset, length).items()))
         return bytes(out)
@@ -178,6 +183,7 @@ class Array:
         if self.failed:
             raise self.failed
         self._unflushed = set()
+        retired = min(self._live_seqs) - 1 if self._live_seqs else self._seq
         live = self.live_roles()
         lost = await asyncio.gather(*(self._write_back(r) for r in live))
         live = [r for r in live if r not in lost]
@@ -186,6 +192,7 @@ class Array:
             return_exceptions=True))
         if self.failed:
             raise self.failed
+        self._retired = max(self._retired, retired)
         await self._clear_clean_regions()
 
     async def _write_back(self, role: int) -> int | None:
@@ -211,7 +218,7 @@ class Array:
         async def write(offset: int, data: bytes, fua: bool) -> None:
             await self.mwrite(role, offset, data, fua)
 
-        slot.ring = PPLRing(slot.name, self.geom.ppl_size, slot.write)
+        slot.ring = PPLRing(slot.name, self.geom.ppl_size, slot.write, self.make_room)
         slot.csums = ChecksumTable(slot.name, self.geom.csum_offset, read, write)
 
     @property
@@ -280,12 +287,35 @@ class Array:
             await self.fail(role, exc)
             raise MemberLost(role) from exc
 
+    def has_live_record(self, stripe: int) -> bool:
+        """Could a crash now replay a log record of `stripe`? Then a full-stripe
+        write must log too, to supersede it."""
+        return self.logged.get(stripe, 0) > self.retired_durable
+
     def next_seq(self) -> int:
+        """A new log record seq; it stays live until `seq_done`."""
         self._seq += 1
+        self._live_seqs.add(self._seq)
         return self._seq
 
-    def resume_seq(self, seq: int) -> None:
-        self._seq = max(self._seq, seq)
+    async def seq_done(self, role: int, seq: int) -> None:
+        """The update logged as `seq` on `role`'s ring is written (not yet flushed)."""
+        self._live_seqs.discard(seq)
+        ring = self.slots[role].ring
+        if ring is not None:
+            await ring.complete(seq)
+
+    def resume_seq(self, seq: int, retired: int) -> None:
+        """At assembly: continue after the newest log record and the retired seq found."""
+        self._seq = max(self._seq, seq, retired)
+        self._retired = self.retired_durable = max(self.retired_durable, retired)
+
+    async def make_room(self) -> None:
+        """Flush, then record durably (bitmap, FUA) that the flushed log records
+        are obsolete, so log rings may reuse their space."""
+        async with self._room_lock:
+            await self.flush()
+            await self.mark_dirty(set(), force=True)
 
     async def fail(self, role: int, exc: BaseException | None = None) -> None:
         """Mark `role` faulty (idempotent). A second lost member fails the array."""
@@ -358,8 +388,9 @@ class Array:
 
     async def _write_bitmap(self, fua: bool) -> None:
         snapshot = set(self._dirty)
-        record = BitmapRecord.from_regions(self.events, self.region_stripes, self.nregions,
-                                           snapshot).to_bytes()
+        retired = self._retired
+        record = BitmapRecord.from_regions(self.events, retired, self.region_stripes,
+                                           self.nregions, snapshot).to_bytes()
         live = self.live_roles()
         await self.settle(live, await asyncio.gather(
             *(self.slots[r].write(BITMAP_OFFSET, record, fua) for r in live),
@@ -367,6 +398,11 @@ class Array:
         if self.failed:
             raise self.failed
         self._durable = snapshot
+        if fua and retired > self.retired_durable:
+            self.retired_durable = retired
+            for slot in self.slots:
+                if slot.ring is not None:
+                    await slot.ring.retire(retired)
 
     def can_clear_bits(self) -> bool:
         """Bits record what an absent or resyncing member missed: keep them then."""

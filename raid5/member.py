@@ -46,7 +46,7 @@ class MemoryMember:
         self.data = bytearray(size)
         self.volatile = volatile
         self._stable = bytearray(size) if volatile else None
-        self._unflushed: list[tuple[int, bytes]] = []
+        self._unflushed: list[tuple[int, bytes, bool]] = []
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -62,23 +62,24 @@ class MemoryMember:
         if self._stable is not None:
             if fua:
                 self._stable[offset:offset + len(data)] = data
-            else:
-                self._unflushed.append((offset, bytes(data)))
+            if self._unflushed or not fua:
+                self._unflushed.append((offset, bytes(data), fua))
 
     async def flush(self) -> None:
         if self._stable is not None:
-            for offset, data in self._unflushed:
+            for offset, data, _ in self._unflushed:
                 self._stable[offset:offset + len(data)] = data
             self._unflushed.clear()
 
     def power_loss(self, rng: random.Random | None = None, keep: float = 0.5) -> None:
         """Drop the cache: reads afterwards see only what reached stable storage
-        (and each unflushed write with probability `keep`)."""
+        (FUA writes, and each unflushed write with probability `keep`; a write
+        never lands over a later FUA write)."""
         if self._stable is None:
             return
         rng = rng or random.Random(0)
-        for offset, data in self._unflushed:
-            if rng.random() < keep:
+        for offset, data, fua in self._unflushed:
+            if fua or rng.random() < keep:
                 self._stable[offset:offset + len(data)] = data
         self._unflushed.clear()
         self.data[:] = self._stable

@@ -45,47 +45,47 @@ async def retag(arr: Array, s: int) -> None:
                                       stripe_ops.block_tags(raw))
 
 
-async def resync_stripe(arr: Array, s: int, newest: tuple[PPLRecord, bytes] | None) -> None:
-    """Make parity of stripe `s` consistent with its data after a crash."""
+async def resync_stripe(arr: Array, s: int, records: list[tuple[PPLRecord, bytes]]) -> None:
+    """Make parity of stripe `s` consistent with its data after a crash.
+
+    With every member present parity is recomputed from the data. With a data
+    member missing its chunk exists only as parity, so each row is replayed
+    from the newest live log record covering it: parity = partial parity XOR
+    the current modified blocks. Rows no live record covers were flushed."""
     geom = arr.geom
     gone = arr.missing(s)
     p = geom.parity_role(s)
+    base = geom.chunk_offset(s)
+    roles = [geom.data_role(s, i) for i in range(geom.data_chunks)]
     if len(gone) > 1:
         log.error("%s: stripe %d cannot be resynced: %d members missing", arr.name, s, len(gone))
         return
-    base = geom.chunk_offset(s)
-    roles = [geom.data_role(s, i) for i in range(geom.data_chunks)]
-    if p not in gone and newest is not None and not newest[0].full and arr.journal:
-        rec, payload = newest
-        w0 = rec.first_row * BLOCK
-        w1 = w0 + rec.rows * BLOCK
-        parity = np.frombuffer(payload, dtype=np.uint8).copy()
-        keep = np.zeros(rec.rows, dtype=bool)   # rows whose modified blocks are all readable
-        current = {}
-        for i, (lo, hi) in enumerate(rec.modified):
-            if lo < hi and roles[i] not in gone:
-                current[i] = np.frombuffer(await arr.mread(roles[i], base + lo * BLOCK,
-                                                           (hi - lo) * BLOCK), dtype=np.uint8)
-        for row in range(rec.first_row, rec.first_row + rec.rows):
-            mods = [i for i, (lo, hi) in enumerate(rec.modified) if lo <= row < hi]
-            if any(roles[i] in gone for i in mods):
-                continue
-            keep[row - rec.first_row] = True
-            at = (row - rec.first_row) * BLOCK
-            for i in mods:
-                lo = rec.modified[i][0]
-                xor_into(parity[at:at + BLOCK], current[i][(row - lo) * BLOCK:(row - lo + 1) * BLOCK])
-        old = np.frombuffer(await arr.mread(p, base + w0, w1 - w0), dtype=np.uint8).copy()
-        rows = old.reshape(-1, BLOCK)
-        rows[keep] = parity.reshape(-1, BLOCK)[keep]
-        await arr.mwrite(p, base + w0, old.tobytes(), False)
-    elif not gone:
+    if not gone:
         data = [await arr.mread(r, base, geom.chunk_size) for r in roles]
         await arr.mwrite(p, base, xor_all(data, geom.chunk_size).tobytes(), False)
+    elif p not in gone and arr.journal:
+        parity = np.frombuffer(await arr.mread(p, base, geom.chunk_size), dtype=np.uint8).copy()
+        done: set[int] = set()
+        for rec, payload in records:                       # newest first
+            for row in range(rec.first_row, rec.first_row + rec.rows):
+                if row in done:
+                    continue
+                done.add(row)
+                mods = [i for i, (lo, hi) in enumerate(rec.modified) if lo <= row < hi]
+                if rec.full or any(roles[i] in gone for i in mods):
+                    continue    # the row was rewritten whole, or its new data is lost anyway
+                at = row * BLOCK
+                rel = (row - rec.first_row) * BLOCK
+                value = np.frombuffer(payload[rel:rel + BLOCK], dtype=np.uint8).copy()
+                for i in mods:
+                    xor_into(value, await arr.mread(roles[i], base + at, BLOCK))
+                parity[at:at + BLOCK] = value
+        if done:
+            await arr.mwrite(p, base, parity.tobytes(), False)
     await retag(arr, s)
 
 
-async def resync_dirty(arr: Array, records: dict[int, tuple[PPLRecord, bytes]]) -> None:
+async def resync_dirty(arr: Array, records: dict[int, list[tuple[PPLRecord, bytes]]]) -> None:
     """Crash recovery over the bitmap's dirty regions (never the whole array)."""
     regions = sorted(arr.dirty_regions)
     if not regions:
@@ -100,7 +100,7 @@ async def resync_dirty(arr: Array, records: dict[int, tuple[PPLRecord, bytes]]) 
             while True:
                 try:
                     async with arr.locks.hold(s):
-                        await resync_stripe(arr, s, records.get(s))
+                        await resync_stripe(arr, s, records.get(s, []))
                     break
                 except MemberLost:
                     continue

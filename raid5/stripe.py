@@ -91,7 +91,7 @@ async def reconstruct(arr: "Array", stripe: int, role: int, lo: int, hi: int) ->
     return xor_all(parts, hi - lo)
 
 
-async def read_chunk(arr: "Array", stripe: int, index: int, lo: int, hi: int) -> bytes:
+async def read_chunk(arr: "Array", stripe: int, index: int, lo: int, hi: int) -> np.ndarray:
     """Array data: bytes [lo, hi) of data chunk `index` of `stripe`."""
     while True:
         plan = plan_read(arr.geom, stripe, index, lo, hi, arr.missing_one(stripe))
@@ -102,7 +102,7 @@ async def read_chunk(arr: "Array", stripe: int, index: int, lo: int, hi: int) ->
                 data = await read_verified(arr, stripe, plan.role, plan.lo, plan.hi)
         except MemberLost:
             continue
-        return data[lo - plan.lo:hi - plan.lo].tobytes()
+        return data[lo - plan.lo:hi - plan.lo]
 
 
 async def write_chunks(arr: "Array", stripe: int, pieces: dict[int, tuple[int, memoryview]],
@@ -112,7 +112,7 @@ async def write_chunks(arr: "Array", stripe: int, pieces: dict[int, tuple[int, m
                      for i in range(arr.geom.data_chunks))
     while True:
         plan = plan_write(arr.geom, stripe, modified, arr.missing_one(stripe),
-                          logged=stripe in arr.logged)
+                          logged=arr.has_live_record(stripe))
         try:
             await execute_write(arr, plan, pieces, fua)
         except MemberLost:
@@ -145,61 +145,91 @@ async def execute_write(arr: "Array", plan: WritePlan, pieces: dict[int, tuple[i
                 xor_into(recon, old(r, w0, w1))
         extents[m] = [(w0, recon)]
 
-    new: dict[int, tuple[int, np.ndarray]] = {}
-    for i, (lo, data) in pieces.items():
-        ma, mb = plan.modified_blocks(i)
-        if plan.mode is WriteMode.READ_MODIFY_WRITE:
-            buf = old(roles[i], ma, mb).copy()
-        else:
-            buf = np.zeros(mb - ma, dtype=np.uint8)
-            for ea, eb in _edges(lo, lo + len(data)):
-                buf[ea - ma:eb - ma] = old(roles[i], ea, eb)
-        buf[lo - ma:lo - ma + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        new[i] = (ma, buf)
-
+    new = _new_blocks(plan, roles, pieces, old)
     writes: list[tuple[int, int, np.ndarray]] = [
         (roles[i], ma, buf) for i, (ma, buf) in new.items() if roles[i] != m]
     ticket = None
     if plan.mode is not WriteMode.DATA_ONLY:
-        if plan.mode is WriteMode.READ_MODIFY_WRITE:
-            pp = old(p, w0, w1).copy()
-            for i, (ma, _) in new.items():
-                xor_into(pp[ma - w0:ma - w0 + len(new[i][1])], old(roles[i], ma, ma + len(new[i][1])))
-        else:
-            pp = np.zeros(w1 - w0, dtype=np.uint8)
-            for i in range(geom.data_chunks):
-                for a, b in _minus(plan.window, plan.modified_blocks(i)):
-                    xor_into(pp[a - w0:b - w0], old(roles[i], a, b))
-        logged_rows = []
-        for i in range(geom.data_chunks):
-            if i in new and i != mi:
-                ma, buf = new[i]
-                logged_rows.append((ma // BLOCK, (ma + len(buf)) // BLOCK))
-            else:
-                logged_rows.append((0, 0))
-        if mi is not None and mi in new:
-            # The missing chunk is never written: parity alone defines it, so
-            # the log treats its new contents as untouched data.
-            ma, buf = new[mi]
-            xor_into(pp[ma - w0:ma - w0 + len(buf)], buf)
-        parity = pp.copy()
+        pp = _partial_parity(plan, roles, new, old, mi)
+        parity = None if pp is None else pp.copy()
         for i, (ma, buf) in new.items():
-            if i != mi:
+            if i == mi:
+                continue
+            if parity is None:
+                parity = buf.copy()
+            else:
                 xor_into(parity[ma - w0:ma - w0 + len(buf)], buf)
         if plan.log and arr.journal:
-            full = plan.mode is WriteMode.FULL_STRIPE
-            payload = b"" if full else pp.tobytes()
-            record = PPLRecord(arr.uuid, arr.slots[p].ppl_generation, arr.next_seq(), s,
-                               w0 // BLOCK, (w1 - w0) // BLOCK, tuple(logged_rows), full,
-                               zlib.crc32(payload))
-            ticket = await arr.ppl_append(p, record, payload)
-            arr.logged.add(s)
+            ticket = await _log(arr, plan, pp, new, mi)
         writes.append((p, w0, parity))
     try:
         await write_extents(arr, s, writes, fua)
     finally:
         if ticket is not None:
-            await arr.slots[p].ring.release(ticket)
+            await arr.seq_done(p, ticket)
+
+
+def _new_blocks(plan: WritePlan, roles: list[int], pieces: dict[int, tuple[int, memoryview]],
+                old) -> dict[int, tuple[int, np.ndarray]]:
+    """data index -> (chunk offset, block-aligned new contents) of each modified chunk."""
+    new: dict[int, tuple[int, np.ndarray]] = {}
+    for i, (lo, data) in pieces.items():
+        ma, mb = plan.modified_blocks(i)
+        edges = _edges(lo, lo + len(data))
+        if plan.mode is not WriteMode.READ_MODIFY_WRITE and not edges:
+            new[i] = (ma, np.frombuffer(data, dtype=np.uint8))     # no copy
+            continue
+        if plan.mode is WriteMode.READ_MODIFY_WRITE:
+            buf = old(roles[i], ma, mb).copy()
+        else:
+            buf = np.empty(mb - ma, dtype=np.uint8)
+            for ea, eb in edges:
+                buf[ea - ma:eb - ma] = old(roles[i], ea, eb)
+        buf[lo - ma:lo - ma + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        new[i] = (ma, buf)
+    return new
+
+
+def _partial_parity(plan: WritePlan, roles: list[int], new: dict[int, tuple[int, np.ndarray]],
+                    old, mi: int | None) -> np.ndarray | None:
+    """XOR over the window of the data the update leaves untouched (None: all zero).
+    A missing modified chunk (mi) counts as untouched with its new contents."""
+    w0, w1 = plan.window
+    if plan.mode is WriteMode.READ_MODIFY_WRITE:
+        pp = old(plan.parity_role, w0, w1).copy()
+        for i, (ma, buf) in new.items():
+            xor_into(pp[ma - w0:ma - w0 + len(buf)], old(roles[i], ma, ma + len(buf)))
+    elif plan.mode is WriteMode.FULL_STRIPE:
+        return None
+    else:
+        pp = np.zeros(w1 - w0, dtype=np.uint8)
+        for i in range(len(roles)):
+            for a, b in _minus(plan.window, plan.modified_blocks(i)):
+                xor_into(pp[a - w0:b - w0], old(roles[i], a, b))
+    if mi is not None and mi in new:
+        ma, buf = new[mi]
+        xor_into(pp[ma - w0:ma - w0 + len(buf)], buf)
+    return pp
+
+
+async def _log(arr: "Array", plan: WritePlan, pp: np.ndarray | None,
+               new: dict[int, tuple[int, np.ndarray]], mi: int | None) -> int:
+    """Write the update's partial-parity record (FUA) to the parity member's ring."""
+    w0, w1 = plan.window
+    rows = tuple((new[i][0] // BLOCK, (new[i][0] + len(new[i][1])) // BLOCK)
+                 if i in new and i != mi else (0, 0) for i in range(arr.geom.data_chunks))
+    full = pp is None
+    payload = b"" if full else pp.tobytes()
+    p = plan.parity_role
+    record = PPLRecord(arr.uuid, arr.slots[p].ppl_generation, arr.next_seq(), plan.stripe,
+                       w0 // BLOCK, (w1 - w0) // BLOCK, rows, full, zlib.crc32(payload))
+    try:
+        ticket = await arr.ppl_append(p, record, payload)
+    except BaseException:
+        await arr.seq_done(p, record.seq)
+        raise
+    arr.logged[plan.stripe] = record.seq
+    return ticket
 
 
 async def write_extents(arr: "Array", stripe: int, writes: list[tuple[int, int, np.ndarray]],
@@ -208,7 +238,7 @@ async def write_extents(arr: "Array", stripe: int, writes: list[tuple[int, int, 
     (durably with FUA). Raises MemberLost after marking failed members faulty."""
     base = arr.geom.chunk_offset(stripe)
     results = await asyncio.gather(
-        *(arr.slots[role].write(base + at, buf.tobytes(), fua) for role, at, buf in writes),
+        *(arr.slots[role].write(base + at, buf.data, fua) for role, at, buf in writes),
         return_exceptions=True)
     lost = await arr.settle([role for role, _, _ in writes], results)
     for (role, at, buf), res in zip(writes, results):

@@ -10,9 +10,10 @@ The test then throws the Array object away, calls `power_loss()` on volatile
 from __future__ import annotations
 
 import errno
+import os
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from .geometry import BLOCK
 from .member import Member, MemoryMember
@@ -107,7 +108,25 @@ class Rig:
 
     disks: list[FaultyMember]
     cut: Cut
-    arr: object = None
+    chunk_size: int
+    ppl_size: int
+    arr: Any = None
+
+    async def create(self, **options: Any) -> Any:
+        """A fresh array over the disks (bitmap region = 1 stripe unless told)."""
+        from .assemble import create
+        options.setdefault("region_stripes", 1)
+        options.setdefault("assume_clean", True)
+        self.arr = await create(self.disks, chunk_size=self.chunk_size, ppl_size=self.ppl_size,
+                                **options)
+        return self.arr
+
+    async def fill(self) -> bytearray:
+        """Write random bytes over the whole array and flush; returns them."""
+        ref = bytearray(os.urandom(self.arr.size))
+        await self.arr.write(0, bytes(ref))
+        await self.arr.flush()
+        return ref
 
     @property
     def mems(self) -> list[MemoryMember]:
@@ -129,4 +148,4 @@ def rig(members: int = 4, *, stripes: int = 16, chunk_size: int = 16384,
     cut = Cut()
     disks = [FaultyMember(MemoryMember(size, f"disk{i}", volatile=volatile), cut)
              for i in range(members)]
-    return Rig(disks, cut)
+    return Rig(disks, cut, chunk_size, ppl_size)

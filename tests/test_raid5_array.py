@@ -22,10 +22,7 @@ def run(coro):
 
 async def fresh(n=4, **kw):
     r = rig(n, stripes=kw.pop("stripes", 12), chunk_size=CHUNK, volatile=kw.pop("volatile", False))
-    arr = await create(r.disks, chunk_size=CHUNK, ppl_size=256 << 10, region_stripes=1,
-                       assume_clean=True, **kw)
-    r.arr = arr
-    return r, arr
+    return r, await r.create(**kw)
 
 
 def test_members_conform_to_protocol(tmp_path):

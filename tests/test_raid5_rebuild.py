@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from raid5.assemble import assemble, create
+from raid5.assemble import assemble
 from raid5.member import MemoryMember
 from raid5.phases import PhaseKind, PhaseState
 from raid5.recovery import replace
@@ -21,8 +21,7 @@ STRIPES = 40
 
 async def degraded():
     r = rig(4, stripes=STRIPES, chunk_size=CHUNK, volatile=True)
-    arr = await create(r.disks, chunk_size=CHUNK, ppl_size=256 << 10, region_stripes=4,
-                       assume_clean=True)
+    arr = await r.create(region_stripes=4)
     ref = bytearray(os.urandom(arr.size))
     await arr.write(0, bytes(ref), fua=True)
     r.disks[1].failed = True

@@ -45,12 +45,13 @@ def test_superblock_damage_is_named(at, what):
 
 
 def test_bitmap_round_trip_and_damage():
-    rec = BitmapRecord.from_regions(5, 8, 100, {0, 7, 8, 99})
+    rec = BitmapRecord.from_regions(5, 1234, 8, 100, {0, 7, 8, 99})
     raw = rec.to_bytes()
     assert len(raw) == BLOCK and raw[:4] == b"O5BM"
     back = BitmapRecord.from_bytes(raw)
     assert back.dirty_regions() == [0, 7, 8, 99]
-    assert raw[24] == 0b10000001 and raw[25] == 1             # bits LSB first from byte 24
+    assert struct.unpack_from("<Q", raw, 16)[0] == 1234       # retired seq
+    assert raw[32] == 0b10000001 and raw[33] == 1             # bits LSB first from byte 32
     bad = bytearray(raw)
     bad[30] ^= 1
     with pytest.raises(IntegrityError, match="bitmap crc32"):

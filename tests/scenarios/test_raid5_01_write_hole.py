@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from raid5.assemble import assemble, create
+from raid5.assemble import assemble
 from raid5.testing import PowerCut, rig
 
 CHUNK = 16384
@@ -21,8 +21,7 @@ CHUNK = 16384
 
 async def scenario(journal: bool) -> tuple[bytes, bytes]:
     r = rig(4, stripes=8, chunk_size=CHUNK)
-    arr = await create(r.disks, chunk_size=CHUNK, ppl_size=256 << 10, region_stripes=1,
-                       journal=journal, assume_clean=True)
+    arr = await r.create(journal=journal)
     g = arr.geom
     old = os.urandom(3 * CHUNK)
     await arr.write(0, old, fua=True)                     # stripe 0: D0 D1 D2 on roles 0 1 2, P on 3

@@ -11,7 +11,6 @@ import asyncio
 import os
 import random
 
-from raid5.assemble import create
 from raid5.geometry import BLOCK
 from raid5.scrub import scrub
 from raid5.testing import corrupt, rig
@@ -35,11 +34,9 @@ async def rot(r, geom, blocks, rng):
 async def run() -> None:
     rng = random.Random(7)
     r = rig(5, stripes=24, chunk_size=CHUNK)
-    arr = await create(r.disks, chunk_size=CHUNK, ppl_size=256 << 10, assume_clean=True)
+    arr = await r.create()
     g = arr.geom
-    ref = os.urandom(arr.size)
-    await arr.write(0, ref)
-    await arr.flush()
+    ref = bytes(await r.fill())
 
     # Reads heal: rot only data blocks, then read everything back.
     data_rot = {b for b in pick(rng, g, 5, 30) if g.data_index(b[1], b[0]) is not None}

@@ -11,7 +11,7 @@ Afterwards every byte reads back and scrub finds nothing.
 import asyncio
 import os
 
-from raid5.assemble import assemble, create
+from raid5.assemble import assemble
 from raid5.recovery import re_add
 from raid5.scrub import scrub
 from raid5.errors import AssemblyError
@@ -24,12 +24,9 @@ STRIPES = 64
 
 async def run() -> None:
     r = rig(5, stripes=STRIPES, chunk_size=CHUNK)
-    arr = await create(r.disks, chunk_size=CHUNK, ppl_size=256 << 10, region_stripes=1,
-                       assume_clean=True)
+    arr = await r.create()
     g = arr.geom
-    ref = bytearray(os.urandom(arr.size))
-    await arr.write(0, bytes(ref))
-    await arr.flush()
+    ref = await r.fill()
     assert arr.dirty_regions == set()
 
     r.disks[2].failed = True

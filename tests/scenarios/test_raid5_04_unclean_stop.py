@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from raid5.assemble import assemble, create
+from raid5.assemble import assemble
 from raid5.phases import PhaseKind, PhaseState
 from raid5.scrub import scrub
 from raid5.testing import PowerCut, rig
@@ -24,13 +24,9 @@ STRIPES = 64
 
 async def run() -> None:
     r = rig(4, stripes=STRIPES, chunk_size=CHUNK, volatile=True)
-    arr = await create(r.disks, chunk_size=CHUNK, ppl_size=256 << 10, region_stripes=1,
-                       assume_clean=True)
+    arr = await r.create()
     g = arr.geom
-    ref = bytearray(os.urandom(arr.size))
-    await arr.write(0, bytes(ref))
-    await arr.flush()
-    durable = bytes(ref)
+    durable = bytes(await r.fill())
     touched = (3, 30, 31, 50)
     for s in touched[:3]:
         await arr.write(s * g.stripe_data_size + 5000, os.urandom(9000))
