@@ -11,10 +11,12 @@ every later write raises `ArrayFailed` (EIO); nothing is written half-known.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from . import stripe as stripe_ops
 from .bitmap import BitmapRecord
@@ -31,6 +33,7 @@ from .superblock import MemberState, Superblock
 log = logging.getLogger(__name__)
 
 MAX_STRIPES_IN_FLIGHT = 16
+RUN_STRIPES = 32     # whole stripes moved as one I/O per member
 
 
 class Slot:
@@ -136,18 +139,67 @@ class Array:
             pos += n
         return out
 
+    def _runs(self, split: dict[int, list[tuple[int, int, int, int]]]
+              ) -> list[tuple[int, int, int]]:
+        """Consecutive whole stripes of `split` as runs (first, count, position),
+        at most RUN_STRIPES long; the stripes they cover are removed from `split`."""
+        whole = [s for s, items in split.items() if len(items) == self.geom.data_chunks
+                 and all(lo == 0 and hi == self.geom.chunk_size for _, lo, hi, _ in items)]
+        runs: list[tuple[int, int, int]] = []
+        for s in sorted(whole):
+            if runs and runs[-1][0] + runs[-1][1] == s and runs[-1][1] < RUN_STRIPES:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1, runs[-1][2])
+            else:
+                runs.append((s, 1, split[s][0][3]))
+        for first, count, _ in runs:
+            if count > 1:
+                for s in range(first, first + count):
+                    del split[s]
+        return [r for r in runs if r[1] > 1]
+
+    @contextlib.asynccontextmanager
+    async def _hold(self, first: int, count: int) -> AsyncIterator[None]:
+        """The slot and the locks of stripes first..first+count-1 (in order, so no deadlock)."""
+        async with self._sem, contextlib.AsyncExitStack() as stack:
+            for s in range(first, first + count):
+                await stack.enter_async_context(self.locks.hold(s))
+            yield
+
+    def _whole(self, stripe: int, pos: int) -> list[tuple[int, int, int, int]]:
+        """Items of a whole stripe whose bytes sit at `pos` of the caller's buffer."""
+        c = self.geom.chunk_size
+        return [(i, 0, c, pos + i * c) for i in range(self.geom.data_chunks)]
+
+    def _whole_and_healthy(self, first: int, count: int) -> bool:
+        return all(not self.missing(s) for s in range(first, first + count))
+
     async def read(self, offset: int, length: int) -> bytes:
         """Array bytes; checksum failures are repaired from parity, never returned."""
         self._check_range(offset, length)
         out = bytearray(length)
+        split = self._split(offset, length)
+        runs = self._runs(split)
 
         async def one(s: int, items: list[tuple[int, int, int, int]]) -> None:
-            async with self._sem, self.locks.hold(s):
-                for index, lo, hi, pos in items:
-                    chunk = await stripe_ops.read_chunk(self, s, index, lo, hi)
-                    out[pos:pos + hi - lo] = chunk.data
+            for index, lo, hi, pos in items:
+                chunk = await stripe_ops.read_chunk(self, s, index, lo, hi)
+                out[pos:pos + hi - lo] = chunk.data
 
-        await asyncio.gather(*(one(s, items) for s, items in self._split(offset, length).items()))
+        async def stripe(s: int, items: list[tuple[int, int, int, int]]) -> None:
+            async with self._hold(s, 1):
+                await one(s, items)
+
+        async def run(first: int, count: int, pos: int) -> None:
+            async with self._hold(first, count):
+                if self._whole_and_healthy(first, count):
+                    data = await stripe_ops.read_full_stripes(self, first, count)
+                    if data is not None:
+                        out[pos:pos + len(data)] = data.data
+                        return
+                for s in range(first, first + count):
+                    await one(s, self._whole(s, pos + (s - first) * self.geom.stripe_data_size))
+        await asyncio.gather(*(stripe(s, items) for s, items in split.items()),
+                             *(run(*r) for r in runs))
         return bytes(out)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
@@ -158,19 +210,39 @@ class Array:
         view = memoryview(data)
         split = self._split(offset, len(data))
         regions = {self.region(s) for s in split}
+        runs = self._runs(split)
         for r in regions:
             self._inflight[r] += 1
         try:
             await self.mark_dirty(regions)
 
             async def one(s: int, items: list[tuple[int, int, int, int]]) -> None:
+                if self.failed:
+                    raise self.failed
                 pieces = {index: (lo, view[pos:pos + hi - lo]) for index, lo, hi, pos in items}
-                async with self._sem, self.locks.hold(s):
+                await stripe_ops.write_chunks(self, s, pieces, fua)
+
+            async def stripe(s: int, items: list[tuple[int, int, int, int]]) -> None:
+                async with self._hold(s, 1):
+                    await one(s, items)
+
+            async def run(first: int, count: int, pos: int) -> None:
+                async with self._hold(first, count):
                     if self.failed:
                         raise self.failed
-                    await stripe_ops.write_chunks(self, s, pieces, fua)
+                    if self._whole_and_healthy(first, count) and not any(
+                            self.has_live_record(s) for s in range(first, first + count)):
+                        size = count * self.geom.stripe_data_size
+                        try:
+                            await stripe_ops.write_full_stripes(self, first, view[pos:pos + size], fua)
+                            return
+                        except MemberLost:
+                            pass
+                    for s in range(first, first + count):
+                        await one(s, self._whole(s, pos + (s - first) * self.geom.stripe_data_size))
 
-            await asyncio.gather(*(one(s, items) for s, items in split.items()))
+            await asyncio.gather(*(stripe(s, items) for s, items in split.items()),
+                                 *(run(*r) for r in runs))
         finally:
             for r in regions:
                 self._inflight[r] -= 1

@@ -145,3 +145,12 @@ def plan_read(geom: Geometry, stripe: int, index: int, lo: int, hi: int,
     role = geom.data_role(stripe, index)
     a, b = lo // BLOCK * BLOCK, -(-hi // BLOCK) * BLOCK
     return ReadPlan(stripe, index, role, a, b, role == missing)
+
+
+def run_layout(geom: Geometry, first: int, count: int) -> list[list[int]]:
+    """For whole stripes first..first+count-1 written or read as one run, what
+    each role holds stripe by stripe: a data index, or -1 for parity. A role's
+    chunks of consecutive stripes are contiguous on the member, so a run is one
+    I/O per member."""
+    return [[-1 if (i := geom.data_index(s, role)) is None else i
+             for s in range(first, first + count)] for role in range(geom.members)]

@@ -20,7 +20,7 @@ from .checksums import block_tag, block_tags
 from .errors import MemberLost, UnrecoverableBlock
 from .geometry import BLOCK
 from .parity import xor_all, xor_into
-from .plan import WriteMode, WritePlan, _edges, _minus, plan_read, plan_write
+from .plan import WriteMode, WritePlan, _edges, _minus, plan_read, plan_write, run_layout
 from .ppl import PPLRecord
 
 if TYPE_CHECKING:
@@ -248,3 +248,50 @@ async def write_extents(arr: "Array", stripe: int, writes: list[tuple[int, int, 
                 await arr.csums[role].write_back(changed, fua=True)
     if lost:
         raise MemberLost(lost[0])
+
+
+async def write_full_stripes(arr: "Array", first: int, data: memoryview, fua: bool) -> None:
+    """Write whole stripes from `first` with one write per member (all present,
+    no live log record to supersede: a full-stripe write needs no log)."""
+    geom = arr.geom
+    count = len(data) // geom.stripe_data_size
+    words = geom.chunk_size // 8
+    chunks = np.frombuffer(data, dtype=np.uint64).reshape(count, geom.data_chunks, words)
+    parity = chunks[:, 0].copy()
+    for i in range(1, geom.data_chunks):
+        np.bitwise_xor(parity, chunks[:, i], out=parity)
+    rows = np.arange(count)
+    writes = []
+    for role, layout in enumerate(run_layout(geom, first, count)):
+        index = np.array(layout)
+        buf = chunks[rows, np.maximum(index, 0)]
+        buf[index < 0] = parity[index < 0]
+        writes.append((role, 0, buf.reshape(-1).view(np.uint8)))
+    await write_extents(arr, first, writes, fua)
+
+
+async def read_full_stripes(arr: "Array", first: int, count: int) -> np.ndarray | None:
+    """Array bytes of whole stripes from `first`, one read per member; None when
+    a member fails or a block fails its checksum (the caller then reads stripe
+    by stripe, which repairs)."""
+    geom = arr.geom
+    roles = range(geom.members)
+    try:
+        runs = await asyncio.gather(*(arr.mread(r, geom.chunk_offset(first), count * geom.chunk_size)
+                                      for r in roles))
+    except MemberLost:
+        return None
+    out = np.empty((count, geom.data_chunks, geom.chunk_size), dtype=np.uint8)
+    bpc = geom.blocks_per_chunk
+    for role, layout in zip(roles, run_layout(geom, first, count)):
+        stored = await arr.csums[role].get(block_no(arr, first, 0), count * bpc)
+        run = np.frombuffer(runs[role], dtype=np.uint8).reshape(count, geom.chunk_size)
+        for j, index in enumerate(layout):
+            if index < 0:
+                continue
+            view = memoryview(runs[role])[j * geom.chunk_size:(j + 1) * geom.chunk_size]
+            for k, tag in enumerate(block_tags(view)):
+                if stored[j * bpc + k] not in (0, tag):
+                    return None
+            out[j, index] = run[j]
+    return out.reshape(-1)

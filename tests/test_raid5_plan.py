@@ -3,7 +3,7 @@
 import pytest
 
 from raid5.geometry import Geometry
-from raid5.plan import Extent, WriteMode, plan_read, plan_write
+from raid5.plan import Extent, WriteMode, plan_read, plan_write, run_layout
 
 K = 4096
 G = Geometry(5, 16 * K, 10)          # 4 data chunks of 64 KiB; stripe 0: D0..D3 on roles 0..3, P on 4
@@ -83,3 +83,13 @@ def test_read_plan(missing, reconstruct, sources):
     assert (plan.lo, plan.hi) == (0, 2 * K)
     assert plan.reconstruct is reconstruct
     assert plan.sources(G) == sources
+
+
+def test_run_layout_five_members():
+    # stripes 0..4 of the geometry docstring's table; -1 = parity
+    assert run_layout(G, 0, 5) == [[0, 1, 2, 3, -1],
+                                   [1, 2, 3, -1, 0],
+                                   [2, 3, -1, 0, 1],
+                                   [3, -1, 0, 1, 2],
+                                   [-1, 0, 1, 2, 3]]
+    assert run_layout(G, 3, 2) == [[3, -1], [-1, 0], [0, 1], [1, 2], [2, 3]]
