@@ -28,6 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--no-head", action="store_true", help="start the ISUs only")
     up.add_argument("--detach", action="store_true",
                     help="start the lab, print it and return; stop it later with 'opie lab down'")
+    up.add_argument("--netns", action="store_true",
+                    help="run the head and the ISUs as hosts in network namespaces on one bridge: the "
+                         "ISUs lease their addresses from the head and are found by discovery "
+                         "(lab/netns_lab.py); runs in the foreground")
+    up.add_argument("--no-adopt", action="store_true",
+                    help="with --netns: leave the ISUs unadopted (adopt them with 'opie isu adopt')")
     up.set_defaults(func=_up)
     down = lab_sub.add_parser("down", help="stop the lab running in DIR",
                               description="Stop every process listed in DIR/lab.json (SIGTERM, then "
@@ -44,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _up(args: argparse.Namespace) -> int:
     from isu.disks import DiskError, parse_size
     from lab.runner import Lab, LabError, summary
+    if args.netns:
+        return _up_netns(args)
     try:
         parse_size(args.disk_size)
         lab = Lab(args.dir, isus=args.isus, disk_size=args.disk_size, with_head=not args.no_head)
@@ -53,6 +61,22 @@ def _up(args: argparse.Namespace) -> int:
     print(summary(info), flush=True)
     if args.detach:  # children keep running in their own sessions
         return 0
+    return lab.wait()
+
+
+def _up_netns(args: argparse.Namespace) -> int:
+    from isu.disks import DiskError, parse_size
+    from lab.netns_lab import NetnsLab, summary
+    from lab.runner import LabError
+    if args.detach or args.no_head:
+        raise UsageError("--netns runs in the foreground with a head (no --detach, no --no-head)")
+    try:
+        parse_size(args.disk_size)
+        lab = NetnsLab(args.dir, isus=args.isus, disk_size=args.disk_size)
+        info = lab.up(adopt=not args.no_adopt)
+    except (LabError, DiskError) as exc:
+        raise UsageError(str(exc)) from None
+    print(summary(info), flush=True)
     return lab.wait()
 
 

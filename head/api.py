@@ -20,6 +20,11 @@ never touch head state directly.
     GET    /v1/shares                               share definitions
     POST   /v1/shares             {name, volume, protocol, ...}   add a share (applied live)
     DELETE /v1/shares/NAME                          remove a share (applied live)
+    GET    /v1/isus                                 discovered ISUs: class, liveness, TXT
+    POST   /v1/isus/UUID/adopt    {role}            adopt an ISU as member or spare
+
+While a head waits for its member ISUs (discovery, head/cluster.py) only
+/v1/isus answers; everything else is 503.
 
 Errors are `{"error": "..."}` with 400 (bad input), 404 (unknown), 409
 (conflict with the current state) or 500.
@@ -133,6 +138,10 @@ class APIServer:
         if path[:1] != ["v1"]:
             raise _Error(404, "unknown path")
         p = path[1:]
+        if p[:1] == ["isus"]:
+            return self._isus(method, p[1:], body)
+        if head.array is None:
+            raise _Error(503, "the head is starting: waiting for its member ISUs (see /v1/isus)")
         if method == "GET" and p == ["status"]:
             return 200, self._sync(head.status)
         if method == "POST" and p == ["snapshots"]:
@@ -206,6 +215,17 @@ class APIServer:
         except CallError as exc:
             raise _Error(500, str(exc)) from None
         raise _Error(404, f"no such call: {method} /v1/shares/{'/'.join(p)}")
+
+
+    def _isus(self, method: str, p: list[str], body: dict):
+        cluster = self.head.cluster
+        if cluster is None:
+            raise _Error(409, "discovery is off on this head (head.json: discover)")
+        if method == "GET" and not p:
+            return 200, {"isus": self._sync(cluster.isus)}
+        if method == "POST" and len(p) == 2 and p[1] == "adopt":
+            return 200, self._call(cluster.adopt(p[0], _str(body, "role")))
+        raise _Error(404, f"no such call: {method} /v1/isus/{'/'.join(p)}")
 
 
 def _str(body: dict, key: str) -> str:

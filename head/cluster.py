@@ -198,6 +198,8 @@ class Cluster:
                      if i["uuid"] in views and views[i["uuid"]].alive}
             if len(members) >= need and len(found) == len(members):
                 break
+            if self.head.stopping is not None and self.head.stopping.is_set():
+                raise HeadError("stopped while waiting for the member ISUs")
             if time.monotonic() > deadline:
                 if len(members) >= need and len(found) >= len(members) - 1:
                     missing = sorted({i["uuid"] for i in members} - set(found))

@@ -89,6 +89,8 @@ class Head:
         self.watcher: MemberWatcher | None = None
         self.jobs = Jobs()
         self.api = None
+        self.cluster = None  # head.cluster.Cluster when discovery is on
+        self.stopping: asyncio.Event | None = None  # set by run(): a start waiting for members gives up
         self._scheduler: asyncio.Task | None = None
         self.files = None  # head.fileservice.FileService when shares are enabled
         self.started = time.time()
@@ -111,6 +113,7 @@ class Head:
             None, cleanup_stale, str(self.state_dir / "run"), cfg.mount_root)
         if left:
             log.warning("cleaned up after an unclean stop: %s", "; ".join(left))
+        await self._start_cluster()
         self.clients = await connect_all(cfg.members, self.client_tls)
         present = [c for c in self.clients if c is not None]
         kinds = await asyncio.gather(*(_probe(c) for c in present))
@@ -166,8 +169,9 @@ class Head:
             self.files = FileService(self, fs_cfg)
             await self.files.start()
         from head.api import APIServer  # noqa: PLC0415 (the API imports this module)
-        self.api = APIServer(self, *_split(cfg.api_listen))
-        self.api.start()
+        if self.api is None:  # already up when members came from discovery
+            self.api = APIServer(self, *_split(cfg.api_listen))
+            self.api.start()
         if cfg.backups:
             self._scheduler = asyncio.ensure_future(self._backup_schedule())
 
@@ -175,6 +179,7 @@ class Head:
         """Unmount, stop exports, close the pool and the array cleanly."""
         if self.api:
             self.api.stop()
+        await self._stop_cluster()
         if self._scheduler:
             self._scheduler.cancel()
         await self.jobs.cancel_all()
@@ -201,6 +206,29 @@ class Head:
             if c is not None:
                 await c.close()
         log.info("head %s stopped", self.cfg.name)
+
+    # ------------------------------------------------------------ discovery (head/cluster.py)
+    async def _start_cluster(self) -> None:
+        """With `discover`: lease server and ISU registry; with no members in the config,
+        the API comes up first (ISUs are adopted through it) and the members are found
+        by discovery (kept in memory only: the next boot discovers them again)."""
+        if not self.cfg.discover:
+            return
+        from head.cluster import Cluster  # noqa: PLC0415
+        loop = asyncio.get_running_loop()
+        self.cluster = Cluster(self)
+        await loop.run_in_executor(None, self.cluster.start)
+        if not self.cfg.members:
+            from head.api import APIServer  # noqa: PLC0415
+            self.api = APIServer(self, *_split(self.cfg.api_listen))
+            self.api.start()
+            self.cfg.members = await self.cluster.member_uris()
+            self.cfg.discovered_members = True
+
+    async def _stop_cluster(self) -> None:
+        if self.cluster is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.cluster.close)
+            self.cluster = None
 
     # ------------------------------------------------------------ addresses
     def export_uri(self, export: str) -> str:
@@ -399,7 +427,7 @@ async def run(state_dir: str) -> int:
     import signal  # noqa: PLC0415
     cfg = head_config.load(state_dir)
     head = Head(state_dir, cfg)
-    stop = asyncio.Event()
+    stop = head.stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
