@@ -117,7 +117,8 @@ def plan_write(geom: Geometry, stripe: int, modified: tuple[tuple[int, int], ...
     rcw_possible = not any(e.role == missing for e in untouched)
     if rcw_possible and sum(e.length for e in rcw) <= sum(e.length for e in rmw):
         if not untouched:
-            return plan(WriteMode.FULL_STRIPE, edges, logged)
+            # edge blocks keep old bytes a crash must not lose: they are logged
+            return plan(WriteMode.FULL_STRIPE, edges, logged or bool(edges))
         return plan(WriteMode.RECONSTRUCT_WRITE, rcw, True)
     return plan(WriteMode.READ_MODIFY_WRITE, rmw, True)
 

@@ -51,7 +51,10 @@ async def resync_stripe(arr: Array, s: int, records: list[tuple[PPLRecord, bytes
     With every member present parity is recomputed from the data. With a data
     member missing its chunk exists only as parity, so each row is replayed
     from the newest live log record covering it: parity = partial parity XOR
-    the current modified blocks. Rows no live record covers were flushed."""
+    the current modified blocks, where a modified block on the missing member
+    counts as its old contents if the update covered it only in part (an edge)
+    and as zeros if it was rewritten whole. Rows no live record covers were
+    flushed."""
     geom = arr.geom
     gone = arr.missing(s)
     p = geom.parity_role(s)
@@ -67,19 +70,24 @@ async def resync_stripe(arr: Array, s: int, records: list[tuple[PPLRecord, bytes
         parity = np.frombuffer(await arr.mread(p, base, geom.chunk_size), dtype=np.uint8).copy()
         done: set[int] = set()
         for rec, payload in records:                       # newest first
+            edges = {e: rec.pp_length + k * BLOCK for k, e in enumerate(rec.edges)}
             for row in range(rec.first_row, rec.first_row + rec.rows):
                 if row in done:
                     continue
                 done.add(row)
-                mods = [i for i, (lo, hi) in enumerate(rec.modified) if lo <= row < hi]
-                if rec.full or any(roles[i] in gone for i in mods):
-                    continue    # the row was rewritten whole, or its new data is lost anyway
-                at = row * BLOCK
                 rel = (row - rec.first_row) * BLOCK
-                value = np.frombuffer(payload[rel:rel + BLOCK], dtype=np.uint8).copy()
-                for i in mods:
-                    xor_into(value, await arr.mread(roles[i], base + at, BLOCK))
-                parity[at:at + BLOCK] = value
+                value = (np.zeros(BLOCK, dtype=np.uint8) if rec.full else
+                         np.frombuffer(payload[rel:rel + BLOCK], dtype=np.uint8).copy())
+                for i, (lo, hi) in enumerate(rec.modified):
+                    if not lo <= row < hi:
+                        continue
+                    if roles[i] not in gone:
+                        xor_into(value, await arr.mread(roles[i], base + row * BLOCK, BLOCK))
+                    elif (i, row) in edges:     # keep the bytes the update did not touch
+                        at = edges[(i, row)]
+                        xor_into(value, payload[at:at + BLOCK])
+                    # else: the lost block was rewritten whole and unflushed: it reads as zeros
+                parity[row * BLOCK:(row + 1) * BLOCK] = value
         if done:
             await arr.mwrite(p, base, parity.tobytes(), False)
     await retag(arr, s)

@@ -103,7 +103,7 @@ def scan(raw: bytes, array_uuid: bytes, generation: int, data_chunks: int
             continue
         if rec.array_uuid != array_uuid or rec.generation != generation:
             continue
-        payload = b"" if rec.full else raw[pos + BLOCK:pos + rec.length]
+        payload = raw[pos + BLOCK:pos + rec.length]
         try:
             rec.check_payload(payload)
         except IntegrityError as exc:

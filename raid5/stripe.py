@@ -160,7 +160,7 @@ async def execute_write(arr: "Array", plan: WritePlan, pieces: dict[int, tuple[i
             else:
                 xor_into(parity[ma - w0:ma - w0 + len(buf)], buf)
         if plan.log and arr.journal:
-            ticket = await _log(arr, plan, pp, new, mi)
+            ticket = await _log(arr, plan, pp, new, mi, roles, pieces, old)
         writes.append((p, w0, parity))
     try:
         await write_extents(arr, s, writes, fua)
@@ -213,16 +213,21 @@ def _partial_parity(plan: WritePlan, roles: list[int], new: dict[int, tuple[int,
 
 
 async def _log(arr: "Array", plan: WritePlan, pp: np.ndarray | None,
-               new: dict[int, tuple[int, np.ndarray]], mi: int | None) -> int:
+               new: dict[int, tuple[int, np.ndarray]], mi: int | None, roles: list[int],
+               pieces: dict[int, tuple[int, memoryview]], old) -> int:
     """Write the update's partial-parity record (FUA) to the parity member's ring."""
     w0, w1 = plan.window
     rows = tuple((new[i][0] // BLOCK, (new[i][0] + len(new[i][1])) // BLOCK)
                  if i in new and i != mi else (0, 0) for i in range(arr.geom.data_chunks))
+    edges = [(i, ea // BLOCK) for i, (lo, data) in sorted(pieces.items()) if i != mi
+             for ea, _ in _edges(lo, lo + len(data))]
     full = pp is None
-    payload = b"" if full else pp.tobytes()
+    payload = b"".join([b"" if full else pp.tobytes()] + [
+        old(roles[i], row * BLOCK, (row + 1) * BLOCK).tobytes() for i, row in edges])
     p = plan.parity_role
     record = PPLRecord(arr.uuid, arr.slots[p].ppl_generation, arr.next_seq(), plan.stripe,
-                       w0 // BLOCK, (w1 - w0) // BLOCK, rows, full, zlib.crc32(payload))
+                       w0 // BLOCK, (w1 - w0) // BLOCK, rows, full, zlib.crc32(payload),
+                       tuple(edges))
     try:
         ticket = await arr.ppl_append(p, record, payload)
     except BaseException:

@@ -173,6 +173,6 @@ class ArrayMachine(RuleBasedStateMachine):
 
 
 ArrayMachine.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=40, deadline=None,
+    max_examples=150, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TestArrayProperties = ArrayMachine.TestCase

@@ -60,11 +60,14 @@ def test_bitmap_round_trip_and_damage():
 
 def test_ppl_record_round_trip_and_damage():
     uuid = os.urandom(16)
-    rec = PPLRecord(uuid, 3, 42, 17, 2, 4, ((2, 6), (0, 0), (3, 4)), False, 1234)
+    rec = PPLRecord(uuid, 3, 42, 17, 2, 4, ((2, 6), (0, 0), (3, 4)), False, 1234, ((0, 2), (2, 3)))
     raw = rec.to_bytes()
-    assert raw[:4] == b"O5PL" and rec.length == 5 * BLOCK
+    assert raw[:4] == b"O5PL" and rec.length == (1 + 4 + 2) * BLOCK
     assert PPLRecord.from_bytes(raw, 3) == rec
     assert struct.unpack_from("<QQ", raw, 40) == (42, 17)
+    assert raw[180] == 2 and struct.unpack_from("<4H", raw, 184) == (0, 2, 2, 3)
+    full = PPLRecord(uuid, 3, 43, 17, 0, 4, ((0, 4),) * 3, True, 0)
+    assert full.length == BLOCK and PPLRecord.from_bytes(full.to_bytes(), 3) == full
     bad = bytearray(raw)
     bad[50] ^= 4
     with pytest.raises(IntegrityError, match="ppl header crc32"):
