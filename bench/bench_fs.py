@@ -28,10 +28,15 @@ zfs-fuse's fsync commits the ZIL and fsyncs its vdev files (seen with
 strace: fsync calls on the backing files; this zfs-fuse has no `sync`
 property to turn that off).
 
---profile DIR runs one extra, untimed Opie pass with `py-spy record`
-(pip install py-spy) attached to the head and to ISU 0 during the write and
-during the read, and prints the functions that dominate (by own samples and
-by samples including callees). Raw collapsed stacks stay in DIR.
+Each Opie run also prints the CPU seconds the head, the 5 ISUs together and
+nbdfuse used during the write and during the read (from /proc/PID/stat).
+
+--profile DIR runs one extra Opie pass, not counted in the medians, with
+`py-spy record --idle` (pip install py-spy) attached to the head and to ISU 0
+during the write and during the read, and prints per thread how busy it was
+(samples not parked in select or a queue wait; a thread waiting for the GIL
+or for a CPU counts as busy) and the frames that dominate the busy samples,
+by own time and including callees. Raw collapsed stacks stay in DIR.
 
 Not a test: the machine is a shared 2-core VM, read the ratios.
 """
@@ -102,6 +107,19 @@ def same_file(a: str, b: str) -> bool:
     return run(["cmp", "--silent", a, b], check=False, timeout=1800).returncode == 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process (all its threads); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_note(before: dict[str, float], after: dict[str, float], wall: float) -> str:
+    return ", ".join(f"{role} {after[role] - before[role]:.1f}" for role in after) + f" (wall {wall:.1f})"
+
+
 def disk_size_for(size: int) -> int:
     """ISU disk size (MiB-aligned): the lab makes vol0 0.6 * (isus - 1) * disk;
     leave 25 % headroom over the file for ext4. At least 768 MiB."""
@@ -122,6 +140,20 @@ class OpieStack:
 
     def cold(self) -> None:
         pass
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the head, the ISUs (summed) and nbdfuse."""
+        pids = {"head": [h["pid"] for h in self.info["heads"]], "ISUs": [i["pid"] for i in self.info["isus"]],
+                "nbdfuse": []}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if argv and os.path.basename(argv[0]) == b"nbdfuse" and str(self.work).encode() in b" ".join(argv):
+                    pids["nbdfuse"].append(int(d))
+        return {role: sum(cpu_seconds(p) for p in group) for role, group in pids.items()}
 
     def down(self) -> None:
         if self.lab is not None:
@@ -184,13 +216,19 @@ class ZfsStack:
     def down(self) -> None:
         try:
             if self.created and self.proc is not None and self.proc.poll() is None:
-                for _ in range(20):  # "pool is busy" for a moment after the last close
+                # "pool is busy": FUSE releases the last file asynchronously, and a process
+                # that another session starts with `ip netns exec` meanwhile copies our mount
+                # table (DESIGN.md) and pins the mount. Retry, then detach it lazily here.
+                for attempt in range(12):
+                    if attempt == 8 and os.path.ismount(self.mnt):
+                        run(["umount", "-l", self.mnt], check=False)
                     r = self._zpool("destroy", "-f", POOL, check=False)
                     if r.returncode == 0:
                         break
                     time.sleep(0.5)
                 else:
-                    print(f"warning: zpool destroy {POOL}: {r.stderr.strip()}", file=sys.stderr)
+                    print(f"warning: zpool destroy {POOL}: {r.stderr.strip()} (the pool is not in "
+                          "zpool.cache: stopping the daemon forgets it)", file=sys.stderr)
                 self.created = False
         finally:
             if self.proc is not None:
@@ -251,8 +289,9 @@ def make_stack(name: str, work: Path, disk: int, volume: int):
 
 
 def measure(name: str, work: Path, src: str, size: int, disk: int, volume: int,
-            during=None) -> tuple[float, float]:
-    """Fresh stack, timed write + cold read, teardown. (write s, read s)."""
+            during=None) -> tuple[float, float, str]:
+    """Fresh stack, timed write + cold read, teardown. (write s, read s, a note
+    on where the CPU went, for stacks that can tell)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     stack = make_stack(name, work, disk, volume)
@@ -260,23 +299,31 @@ def measure(name: str, work: Path, src: str, size: int, disk: int, volume: int,
         mnt = stack.up()
         path = os.path.join(mnt, FILE)
         drop_caches()
+        cpu = getattr(stack, "cpu", None)
+        notes = []
         ctx = during(stack, "write") if during else None
+        c0 = cpu() if cpu else None
         try:
             w = timed_dd(src, path, fsync=True)
         finally:
             if ctx:
                 ctx()
+        if cpu:
+            notes.append("CPU s in write: " + cpu_note(c0, cpu(), w))
         stack.cold()
         drop_caches()
         ctx = during(stack, "read") if during else None
+        c0 = cpu() if cpu else None
         try:
             r = timed_dd(path, "/dev/null", fsync=False)
         finally:
             if ctx:
                 ctx()
+        if cpu:
+            notes.append("in read: " + cpu_note(c0, cpu(), r))
         if os.path.getsize(path) != size or not same_file(src, path):
             raise RuntimeError(f"{name}: the file read back differs from the source")
-        return w, r
+        return w, r, "; ".join(notes)
     finally:
         stack.down()
         shutil.rmtree(work, ignore_errors=True)
@@ -294,7 +341,7 @@ def profile_opie(out: Path, src: str, size: int, disk: int, volume: int, work: P
         for who, pid in targets.items():
             f = out / f"{who}-{phase}.txt"
             procs.append((f, subprocess.Popen(
-                ["py-spy", "record", "--nonblocking", "--threads", "--format", "raw", "--rate", str(rate),
+                ["py-spy", "record", "--nonblocking", "--idle", "--threads", "--format", "raw", "--rate", str(rate),
                  "--pid", str(pid), "--output", str(f)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)))
         time.sleep(1.0)  # let py-spy attach before the timed I/O starts
@@ -310,9 +357,9 @@ def profile_opie(out: Path, src: str, size: int, disk: int, volume: int, work: P
                     p.wait(5)
         return stop
 
-    w, r = measure("opie", work, src, size, disk, volume, during=during)
+    w, r, _ = measure("opie", work, src, size, disk, volume, during=during)
     mb = size / 1e6
-    print(f"\nprofiled Opie pass (py-spy --nonblocking, {rate} Hz; slower than the measured runs): "
+    print(f"\nprofiled Opie pass (py-spy --nonblocking --idle, {rate} Hz; not in the medians): "
           f"write {mb / w:.0f} MB/s, read {mb / r:.0f} MB/s; raw stacks in {out}")
     for phase in ("write", "read"):
         for who in ("head", "isu0"):
@@ -331,38 +378,50 @@ def _frame(f: str) -> str:
     return f
 
 
-def summarize(path: Path, title: str, top: int = 12) -> None:
+IDLE_LEAVES = ("EpollSelector.select", "_PollLikeSelector.select", "PollSelector.select", "select",
+               "_worker (concurrent/futures/thread.py:81)", "Condition.wait", "Event.wait")
+
+
+def summarize(path: Path, title: str, top: int = 10) -> None:
+    """Per thread: how busy it was (samples not parked in select/a queue wait;
+    a runnable thread waiting for a CPU counts as parked too), then the
+    busiest frames over all threads, by own time and including callees."""
     if not path.exists():
         print(f"\n{title}: no profile ({path} missing)")
         return
+    per_thread: collections.Counter = collections.Counter()
+    busy_thread: collections.Counter = collections.Counter()
     own: collections.Counter = collections.Counter()
     incl: collections.Counter = collections.Counter()
-    total = idle = 0
+    busy = 0
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
         n = int(n)
-        frames = [_frame(f) for f in stack.split(";") if f and not f.startswith("thread (") and not f.startswith("process ")]
-        if not frames:
+        parts = stack.split(";")
+        thread = parts[0].split(": ", 1)[-1] if parts[0].startswith("thread (") else "?"
+        frames = [_frame(f) for f in parts[1:] if f]
+        per_thread[thread] += n
+        if not frames or frames[-1].startswith(IDLE_LEAVES):
             continue
-        total += n
-        leaf = frames[-1]
-        if leaf.startswith(("select (", "poll (", "epoll", "_run_once", "wait (")) or "selectors.py" in leaf:
-            idle += n
-        own[leaf] += n
+        busy += n
+        busy_thread[thread] += n
+        own[frames[-1]] += n
         for f in set(frames):
-            incl[f] += n
-    if not total:
-        print(f"\n{title}: no samples")
+            if "threading.py" not in f and "runpy" not in f:
+                incl[f] += n
+    print(f"\n{title}: " + ", ".join(f"thread {t} {100 * busy_thread[t] / c:.0f}% busy"
+                                     for t, c in per_thread.most_common()))
+    if not busy:
         return
-    print(f"\n{title}: {total} samples ({100 * idle / total:.0f}% waiting in the event loop's select)")
-    print("  own time (leaf frame):")
+    print(f"  busy samples ({busy}), own time:")
     for f, n in own.most_common(top):
-        print(f"    {100 * n / total:5.1f}%  {f}")
-    print("  including callees:")
-    for f, n in incl.most_common(top + 8):
-        print(f"    {100 * n / total:5.1f}%  {f}")
+        print(f"    {100 * n / busy:5.1f}%  {f}")
+    print("  busy samples, including callees (Opie frames):")
+    ours = [(f, n) for f, n in incl.most_common() if f.split(" (")[-1].startswith(("nbd/", "raid5/", "head/", "isu/"))]
+    for f, n in ours[:top]:
+        print(f"    {100 * n / busy:5.1f}%  {f}")
 
 
 # --------------------------------------------------------------------------- main
@@ -402,10 +461,12 @@ def main() -> int:
         for r in range(a.runs):
             order = stacks[r % len(stacks):] + stacks[:r % len(stacks)]
             for name in order:
-                w, rd = measure(name, base / name, src, size, disk, volume)
+                w, rd, note = measure(name, base / name, src, size, disk, volume)
                 times[name].append((w, rd))
                 print(f"run {r + 1}  {name:<9} write {mb / w:7.1f} MB/s ({w:6.2f} s)   "
                       f"read {mb / rd:7.1f} MB/s ({rd:6.2f} s)", flush=True)
+                if note:
+                    print(f"       {note}", flush=True)
         if a.profile:
             profile_opie(Path(a.profile).resolve(), src, size, disk, volume, base / "opie-profiled",
                          a.profile_rate)
