@@ -340,9 +340,11 @@ class NBDClient:
         t = self._transport
         if t is None or t.is_closing():
             return  # the reconnect task re-sends it
-        t.write(p.header)
         if p.payload:
-            t.write(p.payload)
+            # one write: over TLS two writes would be two records and two sends
+            t.write(p.header + bytes(p.payload))
+        else:
+            t.write(p.header)
 
     async def _request(self, type_: int, flags: int, offset: int, length: int,
                        payload: bytes | memoryview | None = None, read_len: int = 0):

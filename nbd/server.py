@@ -632,8 +632,11 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
             return
         if data:
             self._flush_out()
-            self.transport.write(header)
-            self.transport.write(data)
+            if self.sock_fd is None:  # TLS: one record, one send
+                self.transport.write(header + bytes(data))
+            else:
+                self.transport.write(header)
+                self.transport.write(data)
             return
         self.small.append(header)
         if not self.flush_scheduled:
