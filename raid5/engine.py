@@ -112,6 +112,9 @@ class Array:
         self._durable = set(dirty_regions)
         self._inflight: Counter = Counter()
         self._unflushed: set[int] = set()
+        self._flush_epoch = [0] * geom.members         # flushes started, per role
+        self._durable_epoch = [0] * geom.members       # writes completed before this epoch are durable
+        self._unflushed_chunks: dict[tuple[int, int], int] = {}   # (stripe, role) -> epoch written
         self.pending_resync: set[int] = set()
         self._bm_lock = asyncio.Lock()
         self._sb_lock = asyncio.Lock()
@@ -258,14 +261,41 @@ class Array:
         retired = min(self._live_seqs) - 1 if self._live_seqs else self._seq
         live = self.live_roles()
         lost = await asyncio.gather(*(self._write_back(r) for r in live))
-        live = [r for r in live if r not in lost]
-        await self.settle(live, await asyncio.gather(
-            *(self.slots[r].member.flush() for r in live),  # type: ignore[union-attr]
-            return_exceptions=True))
+        await self.flush_members([r for r in live if r not in lost])
         if self.failed:
             raise self.failed
         self._retired = max(self._retired, retired)
         await self._clear_clean_regions()
+
+    async def flush_members(self, roles: list[int]) -> None:
+        """Flush the members of `roles`; failures mark them faulty."""
+        starts = {}
+        for r in roles:
+            self._flush_epoch[r] += 1
+            starts[r] = self._flush_epoch[r]
+        results = await asyncio.gather(
+            *(self.slots[r].member.flush() for r in roles),  # type: ignore[union-attr]
+            return_exceptions=True)
+        lost = await self.settle(roles, results)
+        for r in roles:
+            if r not in lost:
+                self._durable_epoch[r] = max(self._durable_epoch[r], starts[r])
+        self._unflushed_chunks = {key: e for key, e in self._unflushed_chunks.items()
+                                  if e >= self._durable_epoch[key[1]]}
+
+    def note_written(self, stripe: int, role: int) -> None:
+        """A write to `role`'s chunk of `stripe` completed (durable after its next flush)."""
+        self._unflushed_chunks[(stripe, role)] = self._flush_epoch[role]
+
+    async def make_durable(self, stripe: int, roles: set[int]) -> None:
+        """Flush those of `roles` whose chunk of `stripe` has unflushed writes.
+
+        A log record's partial parity is computed from the untouched blocks of
+        its stripe; a crash must not be able to roll those blocks back."""
+        need = [r for r in sorted(roles)
+                if self._unflushed_chunks.get((stripe, r), -1) >= self._durable_epoch[r]]
+        if need:
+            await self.flush_members(need)
 
     async def _write_back(self, role: int) -> int | None:
         csums = self.slots[role].csums

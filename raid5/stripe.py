@@ -160,6 +160,8 @@ async def execute_write(arr: "Array", plan: WritePlan, pieces: dict[int, tuple[i
             else:
                 xor_into(parity[ma - w0:ma - w0 + len(buf)], buf)
         if plan.log and arr.journal:
+            await arr.make_durable(s, {roles[i] for i in range(geom.data_chunks)
+                                       if roles[i] != m and _minus(plan.window, plan.modified_blocks(i))})
             ticket = await _log(arr, plan, pp, new, mi, roles, pieces, old)
         writes.append((p, w0, parity))
     try:
@@ -248,6 +250,9 @@ async def write_extents(arr: "Array", stripe: int, writes: list[tuple[int, int, 
     lost = await arr.settle([role for role, _, _ in writes], results)
     for (role, at, buf), res in zip(writes, results):
         if res is None and role not in lost:
+            c = arr.geom.chunk_size
+            for covered in range(stripe + at // c, stripe + (at + len(buf) - 1) // c + 1):
+                arr.note_written(covered, role)
             changed = await arr.csums[role].update(block_no(arr, stripe, at), block_tags(buf.data))
             if fua:
                 await arr.csums[role].write_back(changed, fua=True)
