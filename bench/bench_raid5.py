@@ -31,7 +31,7 @@ from raid5.member import MemoryMember
 
 MEMBERS = 5
 CHUNK = 64 * 1024
-IO = 4 << 20          # bytes per array write/read call
+IO = 8 << 20          # bytes per array write/read call (32 stripes: one run)
 DEPTH = 8             # calls in flight
 PPL = 4 << 20
 

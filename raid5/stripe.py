@@ -280,18 +280,18 @@ async def write_full_stripes(arr: "Array", first: int, data: memoryview, fua: bo
     await write_extents(arr, first, writes, fua)
 
 
-async def read_full_stripes(arr: "Array", first: int, count: int) -> np.ndarray | None:
-    """Array bytes of whole stripes from `first`, one read per member; None when
-    a member fails or a block fails its checksum (the caller then reads stripe
-    by stripe, which repairs)."""
+async def read_full_stripes(arr: "Array", first: int, count: int, out: memoryview) -> bool:
+    """Read whole stripes from `first` into `out`, one read per member. False
+    when a member fails or a block fails its checksum (the caller then reads
+    stripe by stripe, which repairs)."""
     geom = arr.geom
     roles = range(geom.members)
     try:
         runs = await asyncio.gather(*(arr.mread(r, geom.chunk_offset(first), count * geom.chunk_size)
                                       for r in roles))
     except MemberLost:
-        return None
-    out = np.empty((count, geom.data_chunks, geom.chunk_size), dtype=np.uint8)
+        return False
+    dest = np.frombuffer(out, dtype=np.uint8).reshape(count, geom.data_chunks, geom.chunk_size)
     bpc = geom.blocks_per_chunk
     for role, layout in zip(roles, run_layout(geom, first, count)):
         stored = await arr.csums[role].get(block_no(arr, first, 0), count * bpc)
@@ -302,6 +302,6 @@ async def read_full_stripes(arr: "Array", first: int, count: int) -> np.ndarray 
             view = memoryview(runs[role])[j * geom.chunk_size:(j + 1) * geom.chunk_size]
             for k, tag in enumerate(block_tags(view)):
                 if stored[j * bpc + k] not in (0, tag):
-                    return None
-            out[j, index] = run[j]
-    return out.reshape(-1)
+                    return False
+            dest[j, index] = run[j]
+    return True

@@ -12,6 +12,7 @@ must not change by itself later). Scrub must never find a mismatch.
 """
 
 import asyncio
+import os
 import random
 
 from hypothesis import HealthCheck, settings
@@ -173,6 +174,6 @@ class ArrayMachine(RuleBasedStateMachine):
 
 
 ArrayMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None,
+    max_examples=int(os.environ.get("RAID5_EXAMPLES", "150")), stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TestArrayProperties = ArrayMachine.TestCase
