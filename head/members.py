@@ -19,6 +19,7 @@ array, or that was replaced, is left out and logged once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 import threading
@@ -35,6 +36,34 @@ CONNECT_TIMEOUT = 5.0
 IO_TIMEOUT = 15.0
 
 
+class Handoff:
+    """Calls from other threads into one event loop, batched: a burst of
+    submissions costs one wake-up of the loop (one self-pipe write), not one
+    per call as `call_soon_threadsafe` alone would."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._queue: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def submit(self, fn) -> None:
+        with self._lock:
+            self._queue.append(fn)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch = list(self._queue)
+            self._queue.clear()
+            self._scheduled = False
+        for fn in batch:
+            fn()
+
+
 class MemberLoop:
     """A thread running the event loop all member clients live on."""
 
@@ -43,6 +72,8 @@ class MemberLoop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.inbound = Handoff(self.loop)
+        self.outbound: dict[asyncio.AbstractEventLoop, Handoff] = {}
         self.thread = threading.Thread(target=self.loop.run_forever, name="raid-members", daemon=True)
         self.thread.start()
 
@@ -54,8 +85,30 @@ class MemberLoop:
             return cls._shared
 
     async def run(self, coro):
-        """Run `coro` on the member loop; await its result from the caller's loop."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+        """Run `coro` on the member loop; await its result from the caller's
+        loop. Both hand-offs are batched (see Handoff)."""
+        caller = asyncio.get_running_loop()
+        back = self.outbound.get(caller)
+        if back is None:
+            back = self.outbound.setdefault(caller, Handoff(caller))
+        fut = caller.create_future()
+
+        def finish(task: asyncio.Task) -> None:  # on the caller's loop
+            if fut.done():
+                return
+            if task.cancelled():
+                fut.cancel()
+            elif task.exception() is not None:
+                fut.set_exception(task.exception())
+            else:
+                fut.set_result(task.result())
+
+        def start() -> None:  # on the member loop
+            task = self.loop.create_task(coro)
+            task.add_done_callback(lambda t: back.submit(lambda: finish(t)))
+
+        self.inbound.submit(start)
+        return await fut
 
 
 class RemoteMember:

@@ -46,8 +46,13 @@ async def read_view(pool: Pool, vid: int, epoch: int | None, offset: int, length
     """Bytes of a volume (epoch None) or of its snapshot at `epoch`; holes read
     as zeros. Volume reads run under the segment locks (see VolumeDevice.read)."""
     seg = pool.segment_size
+    pieces = split(offset, length, seg)
+    if len(pieces) == 1:  # the common case: no assembly buffer, no copies
+        logical, at, _, n = pieces[0]
+        phys = pool._table.visible(vid, logical, epoch)
+        return bytes(n) if phys is None else await pool._dev.read(pool._geo.segment_offset(phys) + at, n)
     out = bytearray(length)
-    for logical, at, done, n in split(offset, length, seg):
+    for logical, at, done, n in pieces:
         phys = pool._table.visible(vid, logical, epoch)
         if phys is not None:
             out[done:done + n] = await pool._dev.read(pool._geo.segment_offset(phys) + at, n)
