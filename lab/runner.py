@@ -31,6 +31,7 @@ from typing import Any
 
 from head.apiclient import APIError
 from nbd import tls
+from shares.process import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +58,7 @@ class LabError(Exception):
     """The lab cannot start or stop as asked; nothing was changed."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child of ours counts as dead
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+_alive = pid_alive  # a zombie counts as dead
 
 
 def read_lab(directory: str | os.PathLike) -> dict[str, Any] | None:
