@@ -265,6 +265,9 @@ class Array:
             raise self.failed
         self._retired = max(self._retired, retired)
         await self._clear_clean_regions()
+        if self._retired > self.retired_durable:
+            # log records of updates this flush made durable must never be replayed
+            await self.mark_dirty(set(), force=True)
 
     async def flush_members(self, roles: list[int]) -> None:
         """Flush the members of `roles`; failures mark them faulty."""
@@ -392,6 +395,17 @@ class Array:
         """Could a crash now replay a log record of `stripe`? Then a full-stripe
         write must log too, to supersede it."""
         return self.logged.get(stripe, 0) > self.retired_durable
+
+    async def ppl_mark_durable(self, role: int, seq: int) -> None:
+        """A FUA update is durable: its log record must not be replayed any more."""
+        ring = self.slots[role].ring
+        if ring is None:
+            raise MemberLost(role)
+        try:
+            await ring.mark_durable(seq)
+        except OSError as exc:
+            await self.fail(role, exc)
+            raise MemberLost(role) from exc
 
     def next_seq(self) -> int:
         """A new log record seq; it stays live until `seq_done`."""

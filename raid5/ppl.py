@@ -26,13 +26,15 @@ from .geometry import BLOCK, MAX_MEMBERS
 PPL_MAGIC = b"O5PL"
 PPL_VERSION = 1
 FLAG_FULL = 1
+FLAG_DONE = 2
 
 # PPL record header, one 4 KiB block in the ring, followed by `rows` 4 KiB
 # blocks of partial parity (none when FULL), then the old contents of each
 # edge block, little-endian:
 #   0  4s   magic b"O5PL"
 #   4  H    version (1)
-#   6  H    flags (bit 0 FULL: every block of the window is modified, no payload)
+#   6  H    flags (bit 0 FULL: every block of the window is modified, no partial parity;
+#           bit 1 DONE: the update is durable (FUA), its rows need no replay)
 #   8  16s  array uuid
 #  24  I    ppl generation (must match the member's superblock)
 #  28  I    first row of the window (block index within the chunk)
@@ -61,6 +63,7 @@ class PPLRecord:
     full: bool
     payload_crc: int
     edges: tuple[tuple[int, int], ...] = ()
+    done: bool = False
 
     @property
     def pp_length(self) -> int:
@@ -74,7 +77,8 @@ class PPLRecord:
     def to_bytes(self) -> bytes:
         ranges = b"".join(struct.pack("<HH", lo, hi) for lo, hi in self.modified)
         edges = b"".join(struct.pack("<HH", i, row) for i, row in self.edges)
-        head = _HEAD.pack(PPL_MAGIC, PPL_VERSION, FLAG_FULL if self.full else 0,
+        flags = (FLAG_FULL if self.full else 0) | (FLAG_DONE if self.done else 0)
+        head = _HEAD.pack(PPL_MAGIC, PPL_VERSION, flags,
                           self.array_uuid, self.generation, self.first_row, self.rows,
                           self.payload_crc, self.seq, self.stripe, ranges.ljust(124, b"\0"),
                           len(self.edges), edges.ljust(8, b"\0"))
@@ -94,7 +98,8 @@ class PPLRecord:
         modified = tuple(struct.unpack_from("<HH", ranges, 4 * i) for i in range(data_chunks))
         return cls(array_uuid, generation, seq, stripe, first_row, rows, modified,
                    bool(flags & FLAG_FULL), payload_crc,
-                   tuple(struct.unpack_from("<HH", edges, 4 * i) for i in range(nedges)))
+                   tuple(struct.unpack_from("<HH", edges, 4 * i) for i in range(nedges)),
+                   bool(flags & FLAG_DONE))
 
     def check_payload(self, payload: bytes) -> None:
         expect("ppl payload crc32", self.payload_crc, zlib.crc32(payload))

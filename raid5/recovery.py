@@ -75,6 +75,8 @@ async def resync_stripe(arr: Array, s: int, records: list[tuple[PPLRecord, bytes
                 if row in done:
                     continue
                 done.add(row)
+                if rec.done:
+                    continue            # a durable (FUA) update: parity is right as it is
                 rel = (row - rec.first_row) * BLOCK
                 value = (np.zeros(BLOCK, dtype=np.uint8) if rec.full else
                          np.frombuffer(payload[rel:rel + BLOCK], dtype=np.uint8).copy())
@@ -88,7 +90,7 @@ async def resync_stripe(arr: Array, s: int, records: list[tuple[PPLRecord, bytes
                         xor_into(value, payload[at:at + BLOCK])
                     # else: the lost block was rewritten whole and unflushed: it reads as zeros
                 parity[row * BLOCK:(row + 1) * BLOCK] = value
-        if done:
+        if any(not rec.done for rec, _ in records):
             await arr.mwrite(p, base, parity.tobytes(), False)
     await retag(arr, s)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Awaitable, Callable
 
 from .errors import IntegrityError
@@ -28,6 +28,7 @@ class _Reservation:
     start: int
     end: int
     seq: int
+    record: PPLRecord
     done: bool = False
 
 
@@ -56,7 +57,7 @@ class PPLRing:
                 blockers = self._blocked(start, start + length)
                 if not blockers:
                     self._head = start + length
-                    self._busy[record.seq] = _Reservation(start, start + length, record.seq)
+                    self._busy[record.seq] = _Reservation(start, start + length, record.seq, record)
                     break
                 if not any(r.done for r in blockers):
                     await self._cond.wait()
@@ -77,6 +78,14 @@ class PPLRing:
             if seq in self._busy:
                 self._busy[seq].done = True
             self._cond.notify_all()
+
+    async def mark_durable(self, seq: int) -> None:
+        """Rewrite record `seq`'s header as DONE (FUA): its update is durable and
+        must not be replayed, though its rows still hide older records."""
+        res = self._busy.get(seq)
+        if res is not None:
+            header = replace(res.record, done=True).to_bytes()
+            await self._write(PPL_OFFSET + res.start, header, True)
 
     async def retire(self, upto: int) -> None:
         """Records up to seq `upto` are durably obsolete: their space may be reused."""

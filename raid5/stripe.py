@@ -166,6 +166,8 @@ async def execute_write(arr: "Array", plan: WritePlan, pieces: dict[int, tuple[i
         writes.append((p, w0, parity))
     try:
         await write_extents(arr, s, writes, fua)
+        if fua and ticket is not None:
+            await arr.ppl_mark_durable(p, ticket)
     finally:
         if ticket is not None:
             await arr.seq_done(p, ticket)

@@ -177,3 +177,15 @@ def test_overlapping_writes_to_one_stripe_are_serialized():
         rep = await scrub(arr)
         assert (rep.mismatches, rep.repaired, rep.unrecoverable) == (0, 0, 0)
     run(go())
+
+
+def test_usable_size_follows_smallest_member():
+    async def go():
+        sizes = [40 << 20, 12 << 20, 64 << 20]
+        arr = await create([MemoryMember(s, f"m{i}") for i, s in enumerate(sizes)],
+                           chunk_size=65536, ppl_size=1 << 20, assume_clean=True)
+        same = await create([MemoryMember(12 << 20, f"n{i}") for i in range(3)],
+                            chunk_size=65536, ppl_size=1 << 20, assume_clean=True)
+        assert arr.size == same.size == arr.geom.stripes * 2 * 65536
+        assert arr.geom.data_offset + arr.geom.stripes * 65536 <= 12 << 20
+    run(go())
