@@ -124,7 +124,9 @@ async def resync_dirty(arr: Array, records: dict[int, list[tuple[PPLRecord, byte
 
 
 async def copy_stripe(arr: Array, s: int, role: int) -> None:
-    """Write `role`'s chunk of stripe `s`, computed from the other members."""
+    """Write `role`'s chunk of stripe `s`, computed from the other members
+    (made durable first: a crash must not roll back what the copy is made of)."""
+    await arr.make_durable(s, {r for r in range(arr.geom.members) if r != role})
     data = await stripe_ops.reconstruct(arr, s, role, 0, arr.geom.chunk_size)
     await stripe_ops.write_extents(arr, s, [(role, 0, data)], fua=False)
 

@@ -103,6 +103,7 @@ async def scrub_stripe(arr: Array, s: int, report: ScrubReport) -> None:
             fixes.append((p, int(k) * BLOCK, fixed))
             log.warning("%s: stripe %d row %d parity mismatch, parity rewritten", arr.name, s, k)
     if fixes:
+        await arr.make_durable(s, set(present) - {r for r, _, _ in fixes})
         await write_extents(arr, s, fixes, fua=False)
 
 

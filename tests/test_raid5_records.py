@@ -66,8 +66,9 @@ def test_ppl_record_round_trip_and_damage():
     assert PPLRecord.from_bytes(raw, 3) == rec
     assert struct.unpack_from("<QQ", raw, 40) == (42, 17)
     assert raw[180] == 2 and struct.unpack_from("<4H", raw, 184) == (0, 2, 2, 3)
-    full = PPLRecord(uuid, 3, 43, 17, 0, 4, ((0, 4),) * 3, True, 0)
+    full = PPLRecord(uuid, 3, 43, 17, 0, 4, ((0, 4),) * 3, True, 0, done=True)
     assert full.length == BLOCK and PPLRecord.from_bytes(full.to_bytes(), 3) == full
+    assert struct.unpack_from("<H", full.to_bytes(), 6)[0] == 3          # FULL | DONE
     bad = bytearray(raw)
     bad[50] ^= 4
     with pytest.raises(IntegrityError, match="ppl header crc32"):
