@@ -54,7 +54,7 @@ class MemoryMember:
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
-        return bytes(self.data[offset:offset + length])
+        return bytes(memoryview(self.data)[offset:offset + length])
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         self._check(offset, len(data))
