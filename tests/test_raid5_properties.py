@@ -80,6 +80,24 @@ class ArrayMachine(RuleBasedStateMachine):
         if fua:
             self.unknown[at:at + n] = bytes(n)
 
+    @rule(data=st.data(), fua=st.booleans(), seed=st.integers(0, 2**32))
+    def concurrent_writes(self, data, fua, seed):
+        """Disjoint writes in flight together (overlapping ones have no defined order)."""
+        cuts = sorted(data.draw(st.lists(st.integers(0, self.size), min_size=2, max_size=5,
+                                         unique=True), label="cuts"))
+        rng = random.Random(seed)
+        parts = [(a, rng.randbytes(b - a)) for a, b in zip(cuts, cuts[1:]) if b > a]
+        for at, payload in parts:
+            self.unknown[at:at + len(payload)] = b"\1" * len(payload)
+            self.model[at:at + len(payload)] = payload
+
+        async def all_writes():
+            await asyncio.gather(*(self.arr.write(at, p, fua=fua) for at, p in parts))
+        self.run(all_writes())
+        if fua:
+            for at, payload in parts:
+                self.unknown[at:at + len(payload)] = bytes(len(payload))
+
     @rule(data=st.data())
     def read(self, data):
         at = data.draw(st.integers(0, self.size - 1), label="offset")
@@ -126,13 +144,19 @@ class ArrayMachine(RuleBasedStateMachine):
         assert (report.mismatches, report.unrecoverable, report.repaired) == (0, 0, 0), report
 
     # -- power cut ---------------------------------------------------------
-    @rule(budget=st.integers(0, 30), in_flight=st.booleans(), seed=st.integers(0, 2**32),
-          data=st.data())
+    @rule(budget=st.integers(0, 30), in_flight=st.sampled_from(["nothing", "write", "flush"]),
+          seed=st.integers(0, 2**32), data=st.data())
     def power_cut(self, budget, in_flight, seed, data):
         rng = random.Random(seed)
         self.r.cut.arm(budget)
         self.r.cut.rng = rng
-        if in_flight:
+        if in_flight == "flush":
+            try:
+                self.run(self.arr.flush())
+                self.unknown[:] = bytes(self.size)     # acknowledged: all durable
+            except PowerCut:
+                pass
+        if in_flight == "write":
             at = data.draw(st.integers(0, self.size - 1), label="offset")
             n = data.draw(st.integers(1, min(3 * CHUNK * 3, self.size - at)), label="length")
             payload = rng.randbytes(n)

@@ -8,7 +8,6 @@ names its member, repairs it, and a second scrub finds nothing.
 """
 
 import asyncio
-import os
 import random
 
 from raid5.geometry import BLOCK
