@@ -40,7 +40,8 @@ async def create(members: Sequence[Member], *, chunk_size: int = DEFAULT_CHUNK,
                  ppl_size: int = DEFAULT_PPL_SIZE, region_stripes: int | None = None,
                  journal: bool = True, name: str = "md0", assume_clean: bool = False) -> Array:
     """Write fresh metadata to `members` (role = position). Without
-    `assume_clean`, parity is computed over the whole array before returning."""
+    `assume_clean`, parity is computed over the whole array before returning.
+    `journal=False` is a test-only switch that opens the write hole on purpose."""
     if len(members) < 2:
         raise AssemblyError(f"{name}: RAID5 needs at least 2 members, got {len(members)}")
     geom = Geometry.fit(min(m.size for m in members), len(members), chunk_size, ppl_size)
@@ -80,7 +81,9 @@ async def _read_superblock(m: Member) -> Superblock | None:
 
 async def assemble(members: Sequence[Member], *, journal: bool = True, name: str = "md0",
                    start_recovery: bool = True, rate: float | None = None) -> Array:
-    """Assemble from `members` (any order). See the module docstring for refusals."""
+    """Assemble from `members` (any order). See the module docstring for refusals.
+    Rebuild or resync left unfinished resumes in the background (`start_recovery`).
+    `journal=False` is the test-only switch of `create`."""
     found = [(m, sb) for m, sb in zip(members, await asyncio.gather(
         *(_read_superblock(m) for m in members))) if sb is not None]
     if not found:
