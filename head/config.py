@@ -125,8 +125,8 @@ class HeadConfig:
         for b in self.backups:
             if b.volume not in names:
                 raise ConfigError(f"backups: unknown volume {b.volume!r}")
-            if b.every < 60:
-                raise ConfigError(f"backups: {b.volume}: 'every' must be at least 60 seconds")
+            if not isinstance(b.every, int) or b.every < 10:
+                raise ConfigError(f"backups: {b.volume}: 'every' must be at least 10 seconds")
         return self
 
     def _validate_discovery(self) -> None:

@@ -375,7 +375,7 @@ class Head:
         one period); a run that fails is logged and retried next period."""
         due = {i: time.monotonic() + b.every for i, b in enumerate(self.cfg.backups)}
         while True:
-            await asyncio.sleep(5)
+            await asyncio.sleep(min(5.0, min(b.every for b in self.cfg.backups) / 4))
             now = time.monotonic()
             for i, b in enumerate(self.cfg.backups):
                 if now >= due[i]:

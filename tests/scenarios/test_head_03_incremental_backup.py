@@ -73,3 +73,4 @@ def test_incremental_backup_and_restore(head_lab, tmp_path):
         api.call("POST", "/v1/volumes/vol0/mount")
     for name, digest in digests.items():
         assert sha256_of(d / name) == digest
+    api.call("DELETE", f"/v1/snapshots/vol0/{second['snapshot']}")  # leave the lab as found
