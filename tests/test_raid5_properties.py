@@ -32,13 +32,17 @@ PPL = 128 << 10
 
 
 class ArrayMachine(RuleBasedStateMachine):
+    MEMBERS = 4
+    CHUNK = CHUNK
+    REGION = 2
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.r = rig(4, stripes=10, chunk_size=CHUNK, ppl_size=PPL, volatile=True)
+        self.r = rig(self.MEMBERS, stripes=10, chunk_size=self.CHUNK, ppl_size=PPL, volatile=True)
         self.disks = list(self.r.disks)
-        self.arr = self.run(create(self.disks, chunk_size=CHUNK, ppl_size=PPL, region_stripes=2,
-                                   assume_clean=True))
+        self.arr = self.run(create(self.disks, chunk_size=self.CHUNK, ppl_size=PPL,
+                                   region_stripes=self.REGION, assume_clean=True))
         self.size = self.arr.size
         self.model = bytearray(self.size)
         self.unknown = bytearray(self.size)       # 1: written, not durable yet
@@ -58,7 +62,7 @@ class ArrayMachine(RuleBasedStateMachine):
         self.loop.close()
 
     def healthy(self) -> bool:
-        return self.arr.state_string() == "UUUU" and not self.arr.tasks
+        return self.arr.state_string() == "U" * self.MEMBERS and not self.arr.tasks
 
     def faulty_role(self) -> int | None:
         roles = [s.role for s in self.arr.slots if s.state is MemberState.FAULTY]
@@ -72,7 +76,7 @@ class ArrayMachine(RuleBasedStateMachine):
     @rule(data=st.data(), fua=st.booleans(), seed=st.integers(0, 2**32))
     def write(self, data, fua, seed):
         at = data.draw(st.integers(0, self.size - 1), label="offset")
-        n = data.draw(st.integers(1, min(3 * CHUNK * 3, self.size - at)), label="length")
+        n = data.draw(st.integers(1, min(3 * self.size // 10, self.size - at)), label="length")
         payload = random.Random(seed).randbytes(n)
         self.unknown[at:at + n] = b"\1" * n
         self.model[at:at + n] = payload
@@ -111,8 +115,9 @@ class ArrayMachine(RuleBasedStateMachine):
 
     # -- members -----------------------------------------------------------
     @precondition(lambda self: self.healthy())
-    @rule(role=st.integers(0, 3), noticed=st.booleans())
+    @rule(role=st.integers(0, 4), noticed=st.booleans())
     def fail_member(self, role, noticed):
+        role %= self.MEMBERS
         self.disks[role].failed = True
         if noticed:
             self.run(self.arr.fail(role))
@@ -158,7 +163,7 @@ class ArrayMachine(RuleBasedStateMachine):
                 pass
         if in_flight == "write":
             at = data.draw(st.integers(0, self.size - 1), label="offset")
-            n = data.draw(st.integers(1, min(3 * CHUNK * 3, self.size - at)), label="length")
+            n = data.draw(st.integers(1, min(3 * self.size // 10, self.size - at)), label="length")
             payload = rng.randbytes(n)
             self.unknown[at:at + n] = b"\1" * n
             self.model[at:at + n] = payload
@@ -197,7 +202,18 @@ class ArrayMachine(RuleBasedStateMachine):
         assert self.run(self.arr.read(0, self.size)) == self.model
 
 
-ArrayMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("RAID5_EXAMPLES", "150")), stateful_step_count=40, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+class ThreeMemberMachine(ArrayMachine):
+    """Two data chunks per stripe, one-block chunks, one stripe per bitmap region."""
+
+    MEMBERS = 3
+    CHUNK = 4096
+    REGION = 1
+
+
+EXAMPLES = int(os.environ.get("RAID5_EXAMPLES", "150"))
+for machine, share in ((ArrayMachine, 1.0), (ThreeMemberMachine, 0.5)):
+    machine.TestCase.settings = settings(
+        max_examples=max(1, int(EXAMPLES * share)), stateful_step_count=40, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TestArrayProperties = ArrayMachine.TestCase
+TestThreeMemberArrayProperties = ThreeMemberMachine.TestCase
