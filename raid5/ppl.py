@@ -7,8 +7,13 @@ block index within the chunk) of the update's window, the partial parity is
 the XOR of the old data of the chunks that the update leaves untouched in
 that row. After a crash, parity_row = partial_row XOR (current contents of the
 modified blocks of that row) is consistent with whatever reached the modified
-blocks, and so the untouched blocks stay recoverable from parity. Only the
-live record covering a row may be replayed for that row. A block the update
+blocks, and so the untouched blocks stay recoverable from parity.
+
+A record is live until a flush has made its update durable and the bitmap
+says so (its retired seq); a FUA update rewrites its record as DONE. For each
+row only the newest live record covering it is replayed. The untouched
+blocks a record's partial parity is made of are flushed before the record
+is written, so a crash cannot roll them back under it. A block the update
 only partly covers (at most two per update) is an *edge*: its old contents
 follow the partial parity, so a replay that finds the block's member gone
 can still keep the bytes the update did not touch.
@@ -40,7 +45,7 @@ FLAG_DONE = 2
 #  28  I    first row of the window (block index within the chunk)
 #  32  I    rows in the window
 #  36  I    crc32 of the payload
-#  40  Q    sequence number (newest record of a stripe wins)
+#  40  Q    sequence number (per row, the newest live record covering it wins)
 #  48  Q    stripe
 #  56  124s per data chunk i: H lo, H hi = modified rows [lo, hi) (lo == hi: none)
 # 180  B    edge blocks (0..2)
