@@ -21,6 +21,7 @@ from .geometry import BLOCK, CSUMS_PER_BLOCK
 
 log = logging.getLogger(__name__)
 
+MAX_CACHED = 8192      # checksum blocks kept in memory per member (32 MiB)
 CS_MAGIC = b"O5CS"
 CS_VERSION = 1
 UNKNOWN = 0
@@ -110,7 +111,15 @@ class ChecksumTable:
                 entries = np.zeros(CSUMS_PER_BLOCK, dtype=np.uint32)
                 self._dirty.add(index)
             self._blocks[index] = entries
+            self._evict()
         return entries
+
+    def _evict(self) -> None:
+        """Keep at most MAX_CACHED blocks: drop the oldest clean ones."""
+        if len(self._blocks) <= MAX_CACHED:
+            return
+        for index in [i for i in self._blocks if i not in self._dirty][:len(self._blocks) - MAX_CACHED]:
+            del self._blocks[index]
 
     async def get(self, first: int, count: int) -> list[int]:
         """Stored tags of member blocks first..first+count-1 (0 = unknown)."""

@@ -515,6 +515,7 @@ class Array:
         self._durable = snapshot
         if fua and retired > self.retired_durable:
             self.retired_durable = retired
+            self.logged = {s: q for s, q in self.logged.items() if q > retired}
             for slot in self.slots:
                 if slot.ring is not None:
                     await slot.ring.retire(retired)

@@ -189,3 +189,20 @@ def test_usable_size_follows_smallest_member():
         assert arr.size == same.size == arr.geom.stripes * 2 * 65536
         assert arr.geom.data_offset + arr.geom.stripes * 65536 <= 12 << 20
     run(go())
+
+
+def test_checksum_cache_is_bounded(monkeypatch):
+    import raid5.checksums
+    monkeypatch.setattr(raid5.checksums, "MAX_CACHED", 1)
+
+    async def go():
+        r = rig(4, stripes=600, chunk_size=CHUNK)
+        arr = await r.create()
+        ref = await r.fill()
+        assert arr.geom.csum_blocks == 3
+        assert await arr.read(0, arr.size) == ref
+        assert len(arr.csums[0]._blocks) == 1          # clean blocks were dropped and reloaded
+        from raid5.scrub import scrub
+        rep = await scrub(arr)
+        assert (rep.repaired, rep.mismatches, rep.unrecoverable) == (0, 0, 0)
+    run(go())
