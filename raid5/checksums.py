@@ -163,3 +163,4 @@ class ChecksumTable:
                 except BaseException:
                     self._dirty.add(index)
                     raise
+        self._evict()
