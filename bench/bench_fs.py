@@ -60,6 +60,8 @@ sys.path.insert(0, REPO)
 os.environ["PYTHONPATH"] = REPO + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
 
 from isu.disks import parse_size  # noqa: E402
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from proc_support import random_file  # noqa: E402
 
 MIB = 1 << 20
 ISUS = 5
@@ -83,17 +85,6 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
-
-
-def make_source(path: str, size: int) -> None:
-    import numpy as np
-    rng = np.random.default_rng(2026)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 8 * MIB)
-            f.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
-            left -= n
 
 
 def timed_dd(src: str, dst: str, fsync: bool) -> float:
@@ -455,7 +446,7 @@ def main() -> int:
     times: dict[str, list[tuple[float, float]]] = {s: [] for s in stacks}
     mb = size / 1e6
     try:
-        make_source(src, size)
+        random_file(src, size, seed=2026)
         print(f"{a.size} file, ISU / zfs vdev size {disk // MIB} MiB, opie vol0 and plain file {volume // MIB} MiB, "
               f"work dir {base}", flush=True)
         for r in range(a.runs):

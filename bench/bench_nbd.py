@@ -24,18 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from isu.disks import parse_size  # noqa: E402
-from proc_support import start_isu, start_nbdkit, stop  # noqa: E402
-
-
-def make_source(path: str, size: int) -> None:
-    import numpy as np
-    rng = np.random.default_rng(2026)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 8 << 20)
-            f.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
-            left -= n
+from proc_support import random_file, start_isu, start_nbdkit, stop  # noqa: E402
 
 
 def timed(args: list[str]) -> float:
@@ -54,7 +43,7 @@ def main() -> int:
     size = parse_size(a.size)
     with tempfile.TemporaryDirectory(dir=a.dir, prefix="opie-bench-nbd-") as d:
         src, out = os.path.join(d, "src.img"), os.path.join(d, "out.img")
-        make_source(src, size)
+        random_file(src, size, seed=2026)
         for name in ("ours.img", "nbdkit.img"):
             with open(os.path.join(d, name), "wb") as f:
                 f.truncate(size)

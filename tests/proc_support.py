@@ -12,6 +12,19 @@ import time
 from dataclasses import dataclass, field
 
 
+def random_file(path, size: int, seed: int = 1) -> None:
+    """Incompressible pseudo-random data (seeded), written in 8 MiB pieces:
+    fast enough for a GiB. Shared by tests and benchmarks."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 << 20)
+            f.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+            left -= n
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

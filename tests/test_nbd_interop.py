@@ -12,6 +12,7 @@ import time
 import pytest
 
 from nbd import tls
+from proc_support import random_file
 
 GiB = 1 << 30
 
@@ -26,18 +27,6 @@ def sha256_file(path, limit=None):
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-def random_file(path, size, seed=1):
-    """Incompressible data, written in 4 MiB pieces (fast enough for 1 GiB)."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 << 20)
-            f.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
-            left -= n
 
 
 @pytest.fixture
