@@ -149,6 +149,7 @@ class OpieStack:
     def down(self) -> None:
         if self.lab is not None:
             self.lab.down()  # the head unmounts ext4, detaches loop, stops nbdfuse; then the ISUs
+            self.lab.remove_user()
             self.lab = None
         mnt = self.work / "mnt"
         leftover = [ln for ln in Path("/proc/self/mounts").read_text().splitlines() if str(mnt) in ln]

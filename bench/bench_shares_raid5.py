@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_shares  # noqa: E402
-from lab.runner import LAB_USER, Lab  # noqa: E402
+from lab.runner import Lab  # noqa: E402
 
 
 def main() -> int:
@@ -44,9 +44,7 @@ def main() -> int:
         return bench_shares.main(argv)
     finally:
         lab.down()
-        import subprocess
-        subprocess.run([sys.executable, "-m", "cli.main", "user", "del", LAB_USER, "--state-dir",
-                        str(base / "lab" / "head" / "shares")], capture_output=True)
+        lab.remove_user()
         shutil.rmtree(base, ignore_errors=True)
 
 

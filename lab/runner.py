@@ -265,6 +265,12 @@ class Lab:
             self.lab["stopped"] = int(time.time())
             _write_lab(self.dir, self.lab)
 
+    def remove_user(self) -> None:
+        """Delete the lab's share user from Samba's passdb, and its Unix account
+        if the lab created it (for tests and benchmarks that leave no trace)."""
+        subprocess.run([sys.executable, "-m", "cli.main", "user", "del", LAB_USER, "--state-dir",
+                        str(self.dir / "head" / "shares")], capture_output=True, timeout=60)
+
     # ------------------------------------------------------------ failures, for tests and demos
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to one lab process ('isu2', 'head0') and reap it."""

@@ -74,9 +74,6 @@ def head_lab(tmp_path_factory):
         lab.down()
         from head.mount import cleanup_stale
         cleanup_stale(str(d / "head" / "run"), str(d / "mnt"))
-        import subprocess
-        from lab.runner import LAB_USER
-        subprocess.run([sys.executable, "-m", "cli.main", "user", "del", LAB_USER,
-                        "--state-dir", str(d / "head" / "shares")], capture_output=True, timeout=60)
+        lab.remove_user()
         if not any(str(d) in line for line in open("/proc/mounts")):
             shutil.rmtree(d, ignore_errors=True)
