@@ -53,6 +53,29 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.wait(5)
 
 
+def freeze(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP `pid` and wait until every one of its threads is stopped.
+
+    kill() returns before the group stop is complete: the kernel wakes one
+    thread to start it, and until that thread runs the others (the ISU's
+    worker loops) may still answer requests. Tests that need a silent peer
+    wait here."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue  # a thread that just exited
+        if states and all(s in ("T", "t") for s in states):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} not stopped after {timeout}s")
+
+
 @dataclass
 class ISUProcess:
     proc: subprocess.Popen

@@ -14,7 +14,7 @@ import pytest
 
 from nbd import tls
 from nbd.client import NBDClient, list_exports
-from proc_support import start_isu, stop
+from proc_support import freeze, start_isu, stop
 
 MiB = 1 << 20
 
@@ -120,7 +120,7 @@ def test_timeout_then_recovery_when_isu_is_stopped_and_continued(tmp_path, isu_f
     async def main():
         c = await NBDClient.connect("127.0.0.1", isu.port, "s", timeout=1.0)
         await c.write(0, b"before")
-        os.kill(isu.proc.pid, signal.SIGSTOP)
+        freeze(isu.proc.pid)  # every thread, before the request goes out
         try:
             with pytest.raises(OSError) as ei:
                 await c.read(0, 6)
