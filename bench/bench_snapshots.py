@@ -3,12 +3,13 @@
 For each snapshot count N, a fresh pool on an in-memory device gets a
 256 MiB volume, filled once. Then 100 rounds each overwrite 1 MiB at random
 places; after each of the last N rounds a snapshot is taken, so the
-snapshots really differ and hold copied segments. The timed part writes
+snapshots really differ and hold their own versions. The timed part writes
 256 MiB more in random 64 KiB-1 MiB writes at random 4 KiB-aligned offsets,
-then flushes: with N >= 1 every segment's first write copies it (the newest
-snapshot shares them all), with N = 0 every write goes in place. Median of
---runs runs; ratios to 0 snapshots, and to 1 snapshot (does the cost grow
-with the number of snapshots?).
+then flushes: with N >= 1 every segment's first write places a new version
+of it (the newest snapshot shares them all), with N = 0 every write goes in
+place. Median of --runs runs, after one discarded warm-up run (the process's
+first run pays the allocator's page faults); ratios to 0 snapshots, and to 1
+snapshot (does the cost grow with the number of snapshots?).
 
     python3 bench/bench_snapshots.py [--runs 5] [--segment-size 262144]
 """
@@ -91,6 +92,7 @@ async def main() -> None:
           f"{'cpu vs 1 snap':>13}  wall runs")
     counts = (0, 1, 10, 100)
     results: dict[int, list[tuple[float, float]]] = {c: [] for c in counts}
+    await one_run(counts[-1], args.segment_size, args.runs)   # warm-up, not counted
     for seed in range(args.runs):          # interleaved, so load changes hit all alike
         for count in counts:
             results[count].append(await one_run(count, args.segment_size, seed))

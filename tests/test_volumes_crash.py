@@ -42,13 +42,17 @@ async def step_trim(pool: Pool, vol: str, offset: int, n: int) -> None:
 
 
 # Every write lands in segments the volume does not own alone (first write
-# or shared with a snapshot), so its data is only reachable through the
-# mapping the commit installs: the state is exactly old or new.
+# or shared with a snapshot), or in blocks a partial version does not hold
+# yet, so its data is only reachable through the mapping the commit
+# installs: the state is exactly old or new. Deleting a@s1 and a@s2 merges
+# blocks into partial versions before the commit frees the old ones.
 STEPS = [
     ("create volume a", lambda p: p.create_volume("a", 64 * KIB)),
     ("write 3 new segments + flush", lambda p: step_write(p, "a", 0, 20 * KIB, 1, False)),
     ("snapshot a@s1", lambda p: p.create_snapshot("a", "s1")),
     ("CoW write over 3 segments, fua", lambda p: step_write(p, "a", 4 * KIB, 24 * KIB, 2, True)),
+    ("fill a partial version in place, unaligned, fua",
+     lambda p: step_write(p, "a", 700, 3000, 5, True)),
     ("create volume b", lambda p: p.create_volume("b", 40 * KIB)),
     ("write all of b + flush", lambda p: step_write(p, "b", 0, 40 * KIB, 3, False)),
     ("snapshot a@s2", lambda p: p.create_snapshot("a", "s2")),

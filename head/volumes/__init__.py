@@ -6,11 +6,12 @@ with the same interface as the device below (`devices.BlockDevice`).
 """
 
 from head.volumes.devices import BlockDevice, CrashDevice, FileDevice, MemoryDevice
-from head.volumes.errors import IntegrityError, NotFoundError, ValidationError
+from head.volumes.errors import IntegrityError, NotFoundError, UnsupportedVersion, ValidationError
 from head.volumes.model import CheckReport, PoolSpace, SnapshotInfo, VolumeInfo
 from head.volumes.pool import DEFAULT_SEGMENT, Pool
 from head.volumes.volume import SnapshotDevice, VolumeDevice
 
 __all__ = ["BlockDevice", "CheckReport", "CrashDevice", "DEFAULT_SEGMENT", "FileDevice",
            "IntegrityError", "MemoryDevice", "NotFoundError", "Pool", "PoolSpace",
-           "SnapshotDevice", "SnapshotInfo", "ValidationError", "VolumeDevice", "VolumeInfo"]
+           "SnapshotDevice", "SnapshotInfo", "UnsupportedVersion", "ValidationError", "VolumeDevice",
+           "VolumeInfo"]

@@ -15,6 +15,16 @@ class IntegrityError(Exception):
     """On-disk metadata is not what it must be ("expected X, got Y")."""
 
 
+class UnsupportedVersion(IntegrityError):
+    """A pool of another on-disk format version; nothing was changed."""
+
+    def __init__(self, expected: int, version: int) -> None:
+        hint = (" (version 1 predates sub-segment copy-on-write; open it with the release "
+                "that made it and copy its volumes to a new pool)") if version == 1 else ""
+        super().__init__(f"pool format version: expected {expected}, got {version}{hint}")
+        self.version = version
+
+
 class ValidationError(ValueError):
     """Bad admin input; `field` names what was wrong. Nothing was changed."""
 

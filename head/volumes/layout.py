@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from head.volumes.errors import ValidationError
-from head.volumes.records import (CATALOG_PER_PAGE, META_BLOCK, TABLE_PER_PAGE,
+from head.volumes.records import (CATALOG_PER_PAGE, META_BLOCK, TABLE_PER_PAGE, block_size,
                                   journal_header_blocks)
 
 MIN_SEGMENT = 4096
@@ -69,6 +69,15 @@ class Geometry:
     @property
     def max_entries(self) -> int:
         return self.catalog_pages * CATALOG_PER_PAGE
+
+    @property
+    def block_size(self) -> int:
+        """Bytes per block of a partial version's bitmap."""
+        return block_size(self.segment_size)
+
+    @property
+    def blocks(self) -> int:
+        return self.segment_size // self.block_size
 
     def page_offset(self, page_no: int) -> int:
         return 2 * META_BLOCK + page_no * META_BLOCK

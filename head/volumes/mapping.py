@@ -1,8 +1,9 @@
 """The hashed mapping table: (volume, segment) -> physical segment, with
 versions for copy-on-write snapshots.
 
-On disk it is one 32-byte entry per physical segment (`records.ENTRY_DTYPE`):
-owner volume, logical segment, and the epochs the version lived in. Each
+On disk it is one 64-byte entry per physical segment (`records.ENTRY_DTYPE`):
+owner volume, logical segment, the epochs the version lived in, and for a
+*partial* version the bitmap of the blocks it holds. Each
 volume has a write *epoch*; taking a snapshot freezes the current epoch E and
 moves the volume to E+1. A snapshot at E sees, for each logical segment, the
 version with birth <= E < death; the volume sees the live one (death = LIVE).
@@ -13,6 +14,15 @@ sorted snapshot epochs. Deciding whether a write may go in place is O(1):
 the live version is shared iff the newest snapshot epoch >= its birth. So a
 write never costs more with more snapshots; snapshot deletion frees the
 versions no remaining snapshot sees.
+
+Sub-segment copy-on-write: the first write after a snapshot places a new
+version holding only the blocks written (FLAG_PARTIAL); its other blocks read
+through to the previous version (FLAG_BACKED: the version whose death is its
+birth), which a snapshot keeps anyway. `chain()` gives the versions a view
+reads, top first. Later writes fill the partial version in place; when its
+bitmap is full it stands alone. Deleting a snapshot that frees a version a
+kept partial version reads through first merges the missing blocks into the
+partial one (`plan_drop` says which; the pool copies; `apply_drop` commits).
 
 This module changes the table in memory and tracks dirty pages; it does no I/O.
 """
@@ -26,10 +36,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from head.volumes.errors import IntegrityError
-from head.volumes.records import (ENTRY_DTYPE, KIND_TABLE, LIVE, TABLE_PER_PAGE,
-                                  page_from_bytes, page_to_bytes)
+from head.volumes.records import (BITMAP_BITS, ENTRY_DTYPE, FLAG_BACKED, FLAG_PARTIAL,
+                                  KIND_TABLE, LIVE, TABLE_PER_PAGE, page_from_bytes,
+                                  page_to_bytes)
 
 log = logging.getLogger(__name__)
+
+WORD = (1 << 64) - 1
+# (physical segment, bitmap of the blocks it holds), top version first
+Chain = list[tuple[int, int]]
+
+
+def block_mask(first: int, last: int) -> int:
+    """Bits first..last-1."""
+    return ((1 << last) - 1) ^ ((1 << first) - 1)
+
+
+def _words(bits: int) -> list[int]:
+    return [(bits >> (64 * i)) & WORD for i in range(BITMAP_BITS // 64)]
 
 
 @dataclass
@@ -43,12 +67,16 @@ class Lineage:
 
 
 class SegmentTable:
-    """Entries for `count` physical segments, stored from metadata page `first_page`."""
+    """Entries for `count` physical segments, stored from metadata page
+    `first_page`; a segment is `blocks` bitmap blocks."""
 
-    def __init__(self, count: int, first_page: int) -> None:
+    def __init__(self, count: int, first_page: int, blocks: int = 1) -> None:
         self.count = count
         self.first_page = first_page
+        self.blocks = blocks
+        self.full = block_mask(0, blocks)
         self.entries = np.zeros(count, dtype=ENTRY_DTYPE)
+        self.partial: dict[int, int] = {}    # physical segment -> bitmap, partial versions
         self.lineages: dict[int, Lineage] = {}
         self.dirty_pages: set[int] = set()   # metadata page numbers
         self.orphans: list[int] = []         # entries owned by no known volume
@@ -83,6 +111,10 @@ class SegmentTable:
         self.lineages = {vid: Lineage(epoch, sorted(snaps)) for vid, (epoch, snaps) in epochs.items()}
         self.orphans = []
         owners = self.entries["volume"]
+        self.partial = {}
+        for phys in np.flatnonzero(self.entries["flags"] & FLAG_PARTIAL).tolist():
+            words = self.entries["bitmap"][phys].tolist()
+            self.partial[phys] = sum(w << (64 * i) for i, w in enumerate(words))
         owned = np.flatnonzero(owners)
         columns = zip(owned.tolist(), owners[owned].tolist(),
                       self.entries["logical"][owned].tolist(),
@@ -124,6 +156,37 @@ class SegmentTable:
         if i and epoch < self.death(versions[i - 1]):
             return versions[i - 1]
         return None
+
+    def bits(self, phys: int) -> int:
+        """The blocks version `phys` holds itself."""
+        return self.partial.get(phys, self.full)
+
+    def below(self, vid: int, logical: int, phys: int) -> int | None:
+        """The version a partial `phys` reads its missing blocks from; None: zeros."""
+        if phys not in self.partial or not int(self.entries[phys]["flags"]) & FLAG_BACKED:
+            return None
+        birth = self.birth(phys)
+        versions = self.lineages[vid].history.get(logical, ())
+        i = bisect.bisect_left(versions, birth, key=self.birth)
+        if i and self.death(versions[i - 1]) == birth:
+            return versions[i - 1]
+        raise IntegrityError(f"segment {phys}: expected a version of {vid}/{logical} dying at "
+                             f"epoch {birth} to read through to, got none")
+
+    def chain_from(self, vid: int, logical: int, phys: int | None) -> Chain:
+        """Version `phys` and those its missing blocks come from; [] for a hole."""
+        out = []
+        while phys is not None:
+            bits = self.partial.get(phys, self.full)
+            out.append((phys, bits))
+            if bits == self.full:
+                break
+            phys = self.below(vid, logical, phys)
+        return out
+
+    def chain(self, vid: int, logical: int, epoch: int | None = None) -> Chain:
+        """What the volume (epoch None) or its snapshot at `epoch` reads of `logical`."""
+        return self.chain_from(vid, logical, self.visible(vid, logical, epoch))
 
     def shared(self, vid: int, phys: int) -> bool:
         """True if a snapshot sees live segment `phys`, so a write must not touch it."""
@@ -168,15 +231,48 @@ class SegmentTable:
     def add_volume(self, vid: int, epoch: int) -> None:
         self.lineages[vid] = Lineage(epoch)
 
-    def place(self, vid: int, logical: int, phys: int) -> list[int]:
+    def place(self, vid: int, logical: int, phys: int, bits: int | None = None,
+              backed: bool = False) -> list[int]:
         """Make free segment `phys` the live version of `logical` at the volume's
-        epoch; the old live version is kept for snapshots or returned as freed."""
+        epoch; the old live version is kept for snapshots or returned as freed.
+        With `bits` (not all blocks) the version is partial: the rest reads
+        through to the old live version if `backed` (it must be shared, so a
+        snapshot keeps it), else as zeros."""
         lin = self.lineages[vid]
+        had = logical in lin.live
         freed = self.unmap(vid, logical)
-        self.entries[phys] = (vid, 0, logical, lin.epoch, LIVE)
+        if bits is None or bits == self.full:
+            self.entries[phys] = (vid, 0, logical, lin.epoch, LIVE, _words(0))
+            self.partial.pop(phys, None)
+        else:
+            if backed and (freed or not had):
+                raise RuntimeError(f"{vid}/{logical}: a partial version can only read "
+                                   f"through to a shared live version")
+            flags = FLAG_PARTIAL | (FLAG_BACKED if backed else 0)
+            self.entries[phys] = (vid, flags, logical, lin.epoch, LIVE, _words(bits))
+            self.partial[phys] = bits
         self._touch(phys)
         lin.live[logical] = phys
         return freed
+
+    def fill(self, phys: int, bits: int) -> bool:
+        """Version `phys` now holds `bits` too (their data is on the device);
+        True if its entry changed."""
+        old = self.partial.get(phys)
+        if old is None or old | bits == old:
+            return False
+        self._set_bits(phys, old | bits)
+        return True
+
+    def _set_bits(self, phys: int, bits: int) -> None:
+        if bits == self.full:
+            del self.partial[phys]
+            self.entries[phys]["flags"] = 0
+            self.entries["bitmap"][phys] = 0
+        else:
+            self.partial[phys] = bits
+            self.entries["bitmap"][phys] = _words(bits)
+        self._touch(phys)
 
     def unmap(self, vid: int, logical: int) -> list[int]:
         """Drop the live version of `logical`; returns it if no snapshot needs it."""
@@ -193,7 +289,8 @@ class SegmentTable:
         return [phys]
 
     def _clear(self, phys: int) -> None:
-        self.entries[phys] = (0, 0, 0, 0, 0)
+        self.entries[phys] = (0, 0, 0, 0, 0, _words(0))
+        self.partial.pop(phys, None)
         self._touch(phys)
 
     def add_snapshot(self, vid: int) -> int:
@@ -204,24 +301,46 @@ class SegmentTable:
         lin.epoch += 1
         return epoch
 
-    def drop_snapshot(self, vid: int, epoch: int) -> list[int]:
-        """Forget the snapshot at `epoch`; returns the segments nobody sees any more."""
+    def plan_drop(self, vid: int, epoch: int) -> tuple[list[int], list[tuple[int, Chain]]]:
+        """What forgetting the snapshot at `epoch` frees, and the merges that must
+        be on the device first: (freed segments, [(kept partial version, the
+        chain its missing blocks come from now)]). Changes nothing."""
+        lin = self.lineages[vid]
+        others = [s for s in lin.snaps if s != epoch]
+        freed: list[int] = []
+        merges: list[tuple[int, Chain]] = []
+        for logical, versions in lin.history.items():
+            gone = {p for p in versions
+                    if self.birth(p) <= epoch < self.death(p)
+                    and not self._seen(others, self.birth(p), self.death(p))}
+            if not gone:
+                continue
+            freed += [p for p in versions if p in gone]
+            kept = [p for p in versions if p not in gone]
+            if logical in lin.live:
+                kept.append(lin.live[logical])
+            for phys in kept:
+                under = self.below(vid, logical, phys)
+                if under in gone:
+                    merges.append((phys, self.chain_from(vid, logical, under)))
+        return freed, merges
+
+    def apply_drop(self, vid: int, epoch: int, freed: list[int], merged: list[int]) -> list[int]:
+        """Forget the snapshot at `epoch` as `plan_drop` said, once the `merged`
+        versions hold every block; returns `freed`."""
         lin = self.lineages[vid]
         lin.snaps.remove(epoch)
-        freed = []
-        for logical in list(lin.history):
-            keep = []
-            for phys in lin.history[logical]:
-                b, d = self.birth(phys), self.death(phys)
-                if b <= epoch < d and not self._seen(lin.snaps, b, d):
-                    self._clear(phys)
-                    freed.append(phys)
-                else:
-                    keep.append(phys)
+        for phys in merged:
+            self._set_bits(phys, self.full)
+        gone = set(freed)
+        for logical in {int(self.entries[p]["logical"]) for p in freed}:
+            keep = [p for p in lin.history[logical] if p not in gone]
             if keep:
                 lin.history[logical] = keep
             else:
                 del lin.history[logical]
+        for phys in freed:
+            self._clear(phys)
         return freed
 
     def drop_volume(self, vid: int) -> list[int]:
@@ -252,7 +371,21 @@ class SegmentTable:
                                 f"and {vid}/{logical}")
             indexed[phys] = (vid, logical)
 
+        for phys, bits in self.partial.items():
+            if bits & ~self.full or not bits:
+                problems.append(f"segment {phys}: bitmap {bits:#x} outside 1..{self.full:#x}")
         for vid, lin in self.lineages.items():
+            for logical in set(lin.live) | set(lin.history):
+                for phys in lin.history.get(logical, []) + [lin.live.get(logical)]:
+                    if phys is None:
+                        continue
+                    flags = int(self.entries[phys]["flags"])
+                    if phys not in self.partial and flags:
+                        problems.append(f"segment {phys}: flags {flags} on a whole version")
+                    try:
+                        self.below(vid, logical, phys)
+                    except IntegrityError as exc:
+                        problems.append(str(exc))
             for logical, phys in lin.live.items():
                 claim(phys, vid, logical)
                 if self.death(phys) != LIVE:

@@ -21,7 +21,7 @@ import logging
 import uuid as uuidlib
 
 from head.volumes.devices import BlockDevice
-from head.volumes.errors import IntegrityError
+from head.volumes.errors import IntegrityError, UnsupportedVersion
 from head.volumes.layout import Geometry
 from head.volumes.records import (META_BLOCK, TABLE_PER_PAGE, JournalHeader, Superblock,
                                   journal_header_blocks)
@@ -74,6 +74,8 @@ class MetaStore:
         for slot in (0, 1):
             try:
                 sb = Superblock.from_bytes(both[slot * META_BLOCK:(slot + 1) * META_BLOCK])
+            except UnsupportedVersion:
+                raise   # a sound superblock of another format: say so, not "damaged"
             except IntegrityError as exc:
                 errors.append(f"slot {slot}: {exc}")
                 continue

@@ -21,12 +21,12 @@ from head.volumes.catalog import Catalog, validate_name
 from head.volumes.devices import BlockDevice
 from head.volumes.errors import IntegrityError, NotFoundError, ValidationError
 from head.volumes.layout import Geometry
-from head.volumes.mapping import SegmentTable
+from head.volumes.mapping import Chain, SegmentTable
 from head.volumes.metastore import MetaStore
 from head.volumes.model import (CheckReport, PoolSpace, SnapshotInfo, SnapshotState, VolumeInfo,
                                 VolumeState)
 from head.volumes.records import KIND_SNAPSHOT, KIND_VOLUME, CatalogRecord
-from head.volumes.volume import SnapshotDevice, VolumeDevice, write_locked
+from head.volumes.volume import SnapshotDevice, VolumeDevice, read_chain, write_locked
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Pool:
         """
         geo = Geometry.plan(device.size, segment_size, max_entries, journal_blocks)
         catalog = Catalog(geo.catalog_pages)
-        table = SegmentTable(geo.segment_count, geo.catalog_pages)
+        table = SegmentTable(geo.segment_count, geo.catalog_pages, geo.blocks)
         pages = [catalog.page_image(p) for p in range(geo.catalog_pages)]
         pages += [table.page_image(geo.catalog_pages + i) for i in range(geo.table_pages)]
         store = await MetaStore.create(device, geo, pages)
@@ -85,7 +85,7 @@ class Pool:
         catalog = Catalog(geo.catalog_pages)
         for p in range(geo.catalog_pages):
             catalog.load_page(p, pages[p])
-        table = SegmentTable(geo.segment_count, geo.catalog_pages)
+        table = SegmentTable(geo.segment_count, geo.catalog_pages, geo.blocks)
         for i in range(table.pages):
             table.load_page(geo.catalog_pages + i, pages[geo.catalog_pages + i])
         volumes = cls._volumes_from(catalog)
@@ -295,12 +295,39 @@ class Pool:
         """Delete a snapshot; the space only it held is free when this returns."""
         async with self._manage_lock:
             vs, snap = self._snapshot(volume, name)
-            snap.deleted = True
-            del vs.snapshots[name]
-            self._catalog.remove(snap.slot)
-            self._alloc.defer(self._table.drop_snapshot(vs.id, snap.epoch))
+            table = self._table
+            # no writes while partial versions that read through to a version
+            # this frees get its blocks; readers of those segments finish first
+            async with vs.gate.frozen():
+                freed, merges = table.plan_drop(vs.id, snap.epoch)
+                async with vs.locks.hold(int(table.entries[p]["logical"]) for p in freed):
+                    for phys, chain in merges:
+                        await self._merge(phys, chain)
+                    snap.deleted = True
+                    del vs.snapshots[name]
+                    self._catalog.remove(snap.slot)
+                    self._alloc.defer(table.apply_drop(vs.id, snap.epoch, freed,
+                                                       [phys for phys, _ in merges]))
             await self.commit()
         log.info("snapshot %s@%s deleted", volume, name)
+
+    async def _merge(self, phys: int, chain: Chain) -> None:
+        """Write into partial version `phys` the blocks it lacks, as `chain`
+        resolves them. Only blocks no view reads from `phys` are written, so
+        this changes nothing until the mapping says `phys` is whole."""
+        sub = self._geo.block_size
+        missing = self._table.full & ~self._table.bits(phys)
+        b = 0
+        while missing >> b:
+            if not missing >> b & 1:
+                b += 1
+                continue
+            end = b
+            while missing >> end & 1:
+                end += 1
+            data = await read_chain(self, chain, b * sub, end * sub)
+            await self._dev.write(self._geo.segment_offset(phys) + b * sub, data)
+            b = end
 
     def open_snapshot(self, volume: str, name: str) -> SnapshotDevice:
         vs, snap = self._snapshot(volume, name)

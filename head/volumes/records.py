@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from head.volumes.errors import IntegrityError
+from head.volumes.errors import IntegrityError, UnsupportedVersion
 
 META_BLOCK = 4096
-VERSION = 1
+# 2: segment-table entries grew to 64 bytes with a validity bitmap
+# (sub-segment copy-on-write). A version-1 pool is refused on open.
+VERSION = 2
 
 
 def _check(what: str, expected: object, got: object) -> None:
@@ -33,7 +35,7 @@ def _check(what: str, expected: object, got: object) -> None:
 # padded to 4096 bytes:
 #   off size field
 #     0    8 magic            b"OPIEPOOL"
-#     8    2 version          1
+#     8    2 version          2
 #    10    2 slot             0 or 1 (where this copy lives)
 #    12    4 meta_block       4096
 #    16    8 generation       +1 per checkpoint; the valid slot with the
@@ -81,7 +83,8 @@ class Superblock:
         _check("superblock magic", _SUPER_MAGIC, magic)
         (crc,) = struct.unpack_from("<I", data, _SUPER.size)
         _check("superblock crc32", zlib.crc32(data[:_SUPER.size]), crc)
-        _check("superblock version", VERSION, version)
+        if version != VERSION:
+            raise UnsupportedVersion(VERSION, version)
         _check("superblock meta_block", META_BLOCK, meta_block)
         return cls(slot, generation, uuidlib.UUID(bytes=raw_uuid), device_size, segment_size,
                    catalog_pages, table_pages, journal_blocks, segment_count, journal_seq)
@@ -90,7 +93,7 @@ class Superblock:
 # Metadata page (4096 bytes) = 32-byte header + payload of 4064 bytes:
 #   off size field
 #     0    4 magic     b"OPVM"
-#     4    2 version   1
+#     4    2 version   2
 #     6    2 kind      1 catalog page, 2 segment-table page
 #     8    4 page_no   index in the metadata page array
 #    12    4 crc32     of the whole page with this field zeroed
@@ -172,26 +175,43 @@ class CatalogRecord:
         return cls(kind, id_, source, size, epoch, created, name)
 
 
-# Segment-table entry (32 bytes), one per physical data segment, in segment
+# Segment-table entry (64 bytes), one per physical data segment, in segment
 # order, TABLE_PER_PAGE per table page. It says which version of which
 # volume segment the physical segment holds:
 #   off size field
 #     0    4 volume    owning volume id; 0 = free
-#     4    4 flags     reserved, 0
+#     4    4 flags     FLAG_PARTIAL, FLAG_BACKED; other bits 0
 #     8    8 logical   segment index inside the volume
 #    16    8 birth     volume epoch of the write that placed this version
 #    24    8 death     epoch it was superseded at; 2**64-1 while live
-# A snapshot frozen at epoch E sees the version with birth <= E < death.
+#    32   32 bitmap    4 x u64, bit b of word b // 64: block b (segment_size /
+#                      blocks_per_segment bytes) holds this version's data;
+#                      only with FLAG_PARTIAL (without it every block does)
+# A snapshot frozen at epoch E sees the version with birth <= E < death. The
+# blocks a partial version does not hold read as the previous version of the
+# same volume segment (the one whose death is this one's birth) if
+# FLAG_BACKED, else as zeros.
 ENTRY_DTYPE = np.dtype([("volume", "<u4"), ("flags", "<u4"), ("logical", "<u8"),
-                        ("birth", "<u8"), ("death", "<u8")])
+                        ("birth", "<u8"), ("death", "<u8"), ("bitmap", "<u8", (4,))])
 TABLE_PER_PAGE = PAGE_PAYLOAD // ENTRY_DTYPE.itemsize
+FLAG_PARTIAL = 1
+FLAG_BACKED = 2
+BITMAP_BITS = 256
+MIN_BLOCK = 512
+
+
+def block_size(segment_size: int) -> int:
+    """Bytes per bitmap block: a sector, or more for segments over 128 KiB."""
+    return max(MIN_BLOCK, segment_size // BITMAP_BITS)
+
+
 LIVE = 2**64 - 1
 
 
 # Journal transaction: header block(s) followed by the page images.
 #   off size field
 #     0    4 magic     b"OPVJ"
-#     4    2 version   1
+#     4    2 version   2
 #     6    2 reserved
 #     8    8 seq       transaction sequence number (consecutive)
 #    16   16 pool uuid

@@ -1,9 +1,11 @@
 """Volumes and snapshots as block devices: the data path.
 
 A write is planned per segment, then performed: a segment the volume owns
-alone is overwritten in place (no metadata); a segment never written gets a
-new segment (zero-filled around the data); a segment a snapshot shares is
-copied to a new segment with the data spliced in (copy-on-write). New
+alone is overwritten in place (no metadata, unless it fills blocks a partial
+version lacked); a segment never written, or one a snapshot shares, gets a
+new segment holding only the blocks written (a partial version, see
+`mapping`): the rest reads as zeros or through to the shared version, so
+copy-on-write copies nothing but the unwritten part of the edge blocks. New
 segments are reserved for the whole write before any I/O, so a write that
 cannot be placed raises OSError(ENOSPC) and changes nothing. The mapping is
 updated only after the data write returned, so a commit never points at data
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from head.volumes.devices import check_range
+from head.volumes.mapping import Chain, block_mask
 from head.volumes.model import SnapshotState, VolumeState
 
 if TYPE_CHECKING:
@@ -42,34 +46,76 @@ def split(offset: int, length: int, segment_size: int) -> list[Piece]:
     return pieces
 
 
+def _runs(chain: Chain, first: int, last: int) -> list[tuple[int, int, int | None]]:
+    """Blocks first..last-1 as runs (start, end, physical segment or None for
+    zeros), each block from the top version in `chain` that holds it."""
+    want = block_mask(first, last)
+    if chain and chain[0][1] & want == want:
+        return [(first, last, chain[0][0])]
+    takes = []
+    for phys, bits in chain:
+        if want & bits:
+            takes.append((want & bits, phys))
+        want &= ~bits
+        if not want:
+            break
+    runs: list[tuple[int, int, int | None]] = []
+    for b in range(first, last):
+        src = next((phys for take, phys in takes if take >> b & 1), None)
+        if runs and runs[-1][2] == src:
+            runs[-1] = (runs[-1][0], b + 1, src)
+        else:
+            runs.append((b, b + 1, src))
+    return runs
+
+
+async def read_chain(pool: Pool, chain: Chain, lo: int, hi: int) -> bytes:
+    """Bytes lo..hi-1 of a segment as `chain` resolves them."""
+    if not chain:
+        return bytes(hi - lo)
+    sub = pool._geo.block_size
+    parts = []
+    for first, last, phys in _runs(chain, lo // sub, -(-hi // sub)):
+        start, end = max(lo, first * sub), min(hi, last * sub)
+        if phys is None:
+            parts.append(bytes(end - start))
+        else:
+            parts.append(await pool._dev.read(pool._geo.segment_offset(phys) + start, end - start))
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 async def read_view(pool: Pool, vid: int, epoch: int | None, offset: int, length: int) -> bytes:
     """Bytes of a volume (epoch None) or of its snapshot at `epoch`; holes read
-    as zeros. Volume reads run under the segment locks (see VolumeDevice.read)."""
+    as zeros. The caller holds the segment locks (see VolumeDevice.read)."""
     seg = pool.segment_size
     pieces = split(offset, length, seg)
-    if len(pieces) == 1:  # the common case: no assembly buffer, no copies
+    if len(pieces) == 1:  # the common case: no assembly buffer
         logical, at, _, n = pieces[0]
-        phys = pool._table.visible(vid, logical, epoch)
-        return bytes(n) if phys is None else await pool._dev.read(pool._geo.segment_offset(phys) + at, n)
+        return await read_chain(pool, pool._table.chain(vid, logical, epoch), at, at + n)
     out = bytearray(length)
     for logical, at, done, n in pieces:
-        phys = pool._table.visible(vid, logical, epoch)
-        if phys is not None:
-            out[done:done + n] = await pool._dev.read(pool._geo.segment_offset(phys) + at, n)
+        chain = pool._table.chain(vid, logical, epoch)
+        if chain:
+            out[done:done + n] = await read_chain(pool, chain, at, at + n)
     return bytes(out)
 
 
-async def _surround(pool: Pool, phys: int | None, at: int, piece: bytes) -> bytes:
-    """A whole segment: `piece` at `at`, the rest from segment `phys` (zeros if None).
-    Reads only the bytes the piece does not cover."""
-    seg = pool.segment_size
+async def _edges(pool: Pool, source: Callable[[], Chain], bits: int, at: int,
+                 piece: bytes) -> tuple[int, bytes]:
+    """(offset, buffer) to write so that every block `piece` at `at` touches is
+    whole: the parts of edge blocks the piece misses come from the chain
+    `source()` gives, unless `bits` says the target already holds that block."""
+    sub = pool._geo.block_size
     end = at + len(piece)
-    if phys is None:
-        return b"".join((bytes(at), piece, bytes(seg - end)))
-    src = pool._geo.segment_offset(phys)
-    head = await pool._dev.read(src, at) if at else b""
-    tail = await pool._dev.read(src + end, seg - end) if end < seg else b""
-    return b"".join((head, piece, tail))
+    lo, hi = at - at % sub, -(-end // sub) * sub
+    need_head = lo < at and not bits >> (lo // sub) & 1
+    need_tail = end < hi and not bits >> (hi // sub - 1) & 1
+    if not need_head and not need_tail:
+        return at, piece
+    chain = source()
+    head = await read_chain(pool, chain, lo, at) if need_head else b""
+    tail = await read_chain(pool, chain, end, hi) if need_tail else b""
+    return at - len(head), b"".join((head, piece, tail))
 
 
 async def write_locked(pool: Pool, vs: VolumeState, offset: int, data: bytes, fua: bool) -> None:
@@ -86,28 +132,43 @@ async def write_locked(pool: Pool, vs: VolumeState, offset: int, data: bytes, fu
             fresh_needed += not in_place
             plan.append((logical, at, done, n, phys, in_place))
         fresh = await pool._reserve(fresh_needed)
-        placed: list[tuple[int, int]] = []
+        placed: list[tuple[int, int, int, bool]] = []   # logical, new, bits, read-through
+        filled: list[tuple[int, int]] = []               # partial version, bits it gains
         # a FUA piece whose segment's mapping is not yet durable needs a commit
         needs_commit = fua and fresh_needed > 0
+        sub = pool._geo.block_size
         try:
             for logical, at, done, n, phys, in_place in plan:
                 piece = data[done:done + n]
+                touched = block_mask(at // sub, -(-(at + n) // sub))
                 if in_place and phys is not None:
-                    unsettled = phys in pool._unsettled
-                    needs_commit |= fua and unsettled
-                    await pool._dev.write(pool._geo.segment_offset(phys) + at, piece,
-                                          fua=fua and not unsettled)
+                    bits = table.bits(phys)
+                    if bits & touched == touched:
+                        unsettled = phys in pool._unsettled
+                        needs_commit |= fua and unsettled
+                        await pool._dev.write(pool._geo.segment_offset(phys) + at, piece,
+                                              fua=fua and not unsettled)
+                        continue
+                    start, buf = await _edges(pool, lambda: table.chain_from(
+                        vs.id, logical, table.below(vs.id, logical, phys)), bits, at, piece)
+                    await pool._dev.write(pool._geo.segment_offset(phys) + start, buf)
+                    filled.append((phys, touched))
+                    needs_commit |= fua
                     continue
                 new = fresh[len(placed)]
-                buf = piece if n == seg else await _surround(pool, phys, at, piece)
-                await pool._dev.write(pool._geo.segment_offset(new), buf)
-                placed.append((logical, new))
+                start, buf = await _edges(pool, lambda: table.chain_from(vs.id, logical, phys),
+                                          0, at, piece)
+                await pool._dev.write(pool._geo.segment_offset(new) + start, buf)
+                placed.append((logical, new, touched, phys is not None))
         except BaseException:
             pool._alloc.give_back(fresh)
             raise
-        for logical, new in placed:
-            pool._alloc.defer(table.place(vs.id, logical, new))
+        for logical, new, bits, backed in placed:
+            pool._alloc.defer(table.place(vs.id, logical, new, bits, backed))
             pool._unsettled.add(new)
+        for phys, bits in filled:
+            if table.fill(phys, bits):
+                pool._unsettled.add(phys)
     if needs_commit:
         await pool.commit()
 
@@ -234,7 +295,11 @@ class SnapshotDevice:
         if self._snap.deleted:
             raise OSError(errno.ENODEV, f"snapshot {self.name} was deleted")
         check_range(self._snap.size, offset, length)
-        return await read_view(self._pool, self._vs.id, self._snap.epoch, offset, length)
+        # under the volume's segment locks: deleting another snapshot may free
+        # a version this one reads through to (see Pool.delete_snapshot)
+        async with self._vs.locks.hold(p[0] for p in split(offset, length,
+                                                           self._pool.segment_size)):
+            return await read_view(self._pool, self._vs.id, self._snap.epoch, offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         raise OSError(errno.EROFS, f"snapshot {self.name} is read-only")
