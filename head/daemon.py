@@ -35,7 +35,7 @@ from head.config import HeadConfig
 from head.jobs import Job, Jobs
 from head.members import MemberWatcher, connect_all
 from head.volumes import NotFoundError, Pool, ValidationError
-from head.volumes import IntegrityError as PoolIntegrityError
+from head.volumes import IntegrityError as PoolIntegrityError, UnsupportedVersion
 from nbd import tls
 from nbd.server import NBDServer, TLSMode
 from raid5 import assemble as raid5_assemble
@@ -139,6 +139,8 @@ class Head:
         log.info("array %s: %s", cfg.name, self.array.state_string())
         try:
             self.pool = await (Pool.format(self.array) if fresh else Pool.open(self.array))
+        except UnsupportedVersion as exc:
+            raise HeadError(f"the volumes on the array use another format; nothing was changed: {exc}") from None
         except PoolIntegrityError as exc:
             raise HeadError(f"volume metadata on the array is damaged: {exc}") from None
         existing = {v.name for v in self.pool.list_volumes()}
