@@ -40,7 +40,10 @@ class Export(Protocol):
     Optional, for file-backed exports: `sendfile_fd()` returns a file
     descriptor the server may answer READs from with os.sendfile (or None),
     `read_now(offset, length)` reads synchronously, and `io_error(exc)` is
-    told about an I/O error the export did not see itself.
+    told about an I/O error the export did not see itself. `splice_fd()`
+    returns a descriptor the server may write checked, in-range WRITE
+    payloads into from another thread (with splice(2)), or None; a write
+    that fails there is reported through `io_error`.
     """
 
     name: str
@@ -150,6 +153,12 @@ class FileExport:
         """The fd READs may be sent from with os.sendfile: regular files served
         inline only (a block device read could stall the loop)."""
         return self.fd if self.inline and not self.is_block and self.fd >= 0 else None
+
+    def splice_fd(self) -> int | None:
+        """The fd WRITE payloads may be spliced into, from any thread: that of
+        `sendfile_fd()` (so a subclass refusing it, e.g. a failed disk,
+        refuses this too) when the export is writable."""
+        return None if self.read_only else self.sendfile_fd()
 
     def read_now(self, offset: int, length: int) -> bytes:
         return self._pread(offset, length)

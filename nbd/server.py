@@ -20,10 +20,15 @@ applies the policy below. Policy, per the spec (doc/proto.md):
   request's reply header and data are written together, never interleaved.
 - Per connection at most `max_inflight` requests run at once; a client that
   stops reading replies only stalls itself.
+- On plain (non-TLS) connections to exports with a file descriptor
+  (`splice_fd()`), a valid WRITE whose payload is still mostly in the socket
+  is received with splice(2) in a per-connection thread (`nbd.splice`) while
+  reading is paused; everything else about the request is unchanged.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import logging
@@ -33,7 +38,7 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 
-from nbd import codec
+from nbd import codec, splice
 from nbd.codec import ProtocolError
 from nbd.constants import (
     MAX_OPTION_LENGTH,
@@ -125,6 +130,7 @@ class NBDServer:
         self._sessions: set[asyncio.Task] = set()
         self._lock = threading.Lock()  # guards _sessions when workers run
         self.connections_served = 0
+        self.payloads_spliced = 0  # WRITE payloads received with splice(2) (approximate with workers)
 
     # ------------------------------------------------------------ lifecycle
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -414,12 +420,17 @@ class NBDServer:
         leftover = bytes(s.reader._buffer)  # bytes the handshake reader already pulled in
         s.reader._buffer.clear()
         transport.set_protocol(proto)
-        if leftover:
-            proto.feed(leftover)
-        transport.resume_reading()
-        await proto.finished
-        if s.tasks:
-            await asyncio.gather(*list(s.tasks), return_exceptions=True)
+        try:
+            if leftover:
+                proto.feed(leftover)
+            if not proto.read_paused:
+                transport.resume_reading()
+            await proto.finished
+            if s.tasks:
+                await asyncio.gather(*list(s.tasks), return_exceptions=True)
+        finally:
+            if proto.splicer is not None:
+                proto.splicer.close()
         if proto.close_reason:
             raise _Close(proto.close_reason)
 
@@ -578,6 +589,12 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
         self.pool = _BufferPool()
         self.payloads: dict[asyncio.Task, bytearray] = {}
         self.finished = asyncio.get_running_loop().create_future()
+        self.splicer: splice.PayloadSplicer | None = None
+        self.can_splice = self.sock_fd is not None and splice.available()
+        self.splicing = False  # a payload is being spliced: the socket is the splicer's
+        self.spliced: collections.deque = collections.deque()  # (request, error) for the loop to answer
+        self.answer_scheduled = False
+        self.feeding = False
 
     # -- asyncio callbacks
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -601,12 +618,16 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
     def feed(self, data: bytes) -> None:
         """Bytes received before the hand-over, processed as if just read."""
         mv = memoryview(data)
-        while mv and not self.stopped:
-            dst = self.get_buffer(len(mv))
-            n = min(len(dst), len(mv))
-            dst[:n] = mv[:n]
-            mv = mv[n:]
-            self.buffer_updated(n)
+        try:
+            while mv and not self.stopped:
+                dst = self.get_buffer(len(mv))
+                n = min(len(dst), len(mv))
+                dst[:n] = mv[:n]
+                mv = mv[n:]
+                self.feeding = bool(mv)  # a payload continuing in `mv` is not in the socket: no splicing
+                self.buffer_updated(n)
+        finally:
+            self.feeding = False
 
     def eof_received(self) -> bool:
         self._stop(None)
@@ -713,8 +734,11 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
                 if req.type == Command.WRITE:
                     if req.length > MAX_PAYLOAD:
                         return self._stop(f"WRITE of {req.length} bytes exceeds the {MAX_PAYLOAD}-byte maximum")
-                    payload = self.pool.get(req.length)
                     have = min(self.pos - start, req.length)
+                    if req.length - have >= splice.SPLICE_MIN and self._splice(req, self.view[start:start + have]):
+                        start += have
+                        break
+                    payload = self.pool.get(req.length)
                     payload[:have] = self.view[start:start + have]
                     start += have
                     if have < req.length:
@@ -732,6 +756,98 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
                 rest = self.pos - start
                 buf[:rest] = self.view[start:self.pos]
                 self.pos = rest
+
+    def _splice(self, req: codec.Request, head: memoryview) -> bool:
+        """Start receiving this WRITE's payload with the splicer (`head`, its
+        first bytes, already read) and pause reading until it is in. False,
+        with nothing done, when splicing does not apply: TLS, an export
+        without a file descriptor, or a request the server refuses (its
+        payload is then received and discarded as usual)."""
+        if not self.can_splice or self.feeding:
+            return False
+        s = self.s
+        export = s.export
+        fd = export.splice_fd() if hasattr(export, "splice_fd") else None
+        if fd is None or self.server._check(s, req) is not None:
+            return False
+        if self.splicer is None:
+            try:
+                self.splicer = splice.PayloadSplicer(self.sock_fd, s.peer)
+            except OSError as exc:  # out of descriptors: the buffered path still works
+                log.warning("%s: cannot splice WRITE payloads: %s", s.peer, exc)
+                self.can_splice = False
+                return False
+        self.splicing = True
+        self.server.payloads_spliced += 1
+        self.inflight += 1
+        task = asyncio.ensure_future(self._splice_writes(req, fd, bytes(head)))
+        s.tasks.add(task)
+        task.add_done_callback(self._done)
+        self._flow()
+        return True
+
+    async def _splice_writes(self, req: codec.Request, fd: int, head: bytes) -> None:
+        """Let the splicer's thread own the socket's input for this WRITE and
+        those directly following it; parsing resumes when it gives it back.
+        A client gone mid-payload closes the connection."""
+        try:
+            await self.splicer.run(self._splice_chain, asyncio.get_running_loop(), req, fd, head)
+        except splice.PayloadEnded as exc:
+            self._stop(str(exc))
+        finally:
+            self.splicing = False
+            self._flow()
+
+    def _splice_chain(self, loop: asyncio.AbstractEventLoop, req: codec.Request, fd: int, head: bytes) -> None:
+        """In the splicer's thread: receive `req`'s payload, hand its result
+        to the loop, and go on with the next request while it is a WRITE
+        already waiting in the socket that passes `_check` and is worth
+        splicing; anything else is left unread for the loop's parser. Stops
+        as soon as the connection stops or its replies back up."""
+        s, server, splicer = self.s, self.server, self.splicer
+        while True:
+            error = splicer.receive(fd, req.offset, head, req.length, bool(req.flags & _FUA))
+            self.spliced.append((req, error))
+            if not self.answer_scheduled:  # one wake-up of the loop answers a batch
+                self.answer_scheduled = True
+                try:
+                    loop.call_soon_threadsafe(self._answer_spliced)
+                except RuntimeError:  # the loop is gone: so is the connection
+                    return
+            if self.stopped or self.write_paused:
+                return
+            raw = splicer.peek(codec.REQUEST_SIZE)
+            if raw is None:
+                return
+            try:
+                req = codec.decode_request(raw)
+            except ProtocolError:
+                return  # the parser reports it
+            if req.type != _WRITE or not splice.SPLICE_MIN <= req.length <= MAX_PAYLOAD:
+                return
+            fd = s.export.splice_fd()
+            if fd is None or server._check(s, req) is not None:
+                return
+            splicer.take(codec.REQUEST_SIZE)
+            server.payloads_spliced += 1
+            head = b""
+
+    def _answer_spliced(self) -> None:
+        """On the loop: answer the spliced WRITEs done so far, as `_handle`
+        answers a WRITE. The flag is cleared before the queue is emptied, so
+        a result queued meanwhile is either taken now or scheduled again."""
+        self.answer_scheduled = False
+        export = self.s.export
+        while self.spliced:
+            req, error = self.spliced.popleft()
+            if error is None:
+                self.send(codec.encode_simple_reply(req.cookie))
+                continue
+            log.warning("%s: export %s: WRITE at %d+%d failed: %s", self.s.peer, export.name,
+                        req.offset, req.length, error)
+            if hasattr(export, "io_error"):
+                export.io_error(error)
+            self.send(codec.encode_simple_reply(req.cookie, wire_errno(error.errno or errno.EIO)))
 
     def _dispatch(self, req: codec.Request, payload) -> None:
         s = self.s
@@ -759,7 +875,7 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
     def _flow(self) -> None:
         if self.stopped:
             return
-        want_pause = self.write_paused or self.inflight >= self.server.max_inflight
+        want_pause = self.splicing or self.write_paused or self.inflight >= self.server.max_inflight
         if want_pause and not self.read_paused:
             self.transport.pause_reading()
             self.read_paused = True
@@ -772,6 +888,8 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
             return
         self.stopped = True
         self.close_reason = reason
+        if self.splicer is not None:
+            self.splicer.close()  # a payload being spliced will never be finished
         if not self.transport.is_closing():
             try:
                 self.transport.pause_reading()
