@@ -22,9 +22,14 @@ URIs from each ISU's announced address and port and the export recorded
 at adoption. The array then assembles by the UUIDs in the members'
 superblocks; with one member missing after the timeout it assembles degraded.
 
+Members that come back: an adopted member ISU that is found, changes or
+turns alive again is offered to the head's member watcher by URI, so a head
+that booted degraded (a member missing) re-adds it and resyncs what it
+missed, as with a configured member list.
+
 Threads: registry callbacks arrive on zeroconf's and the heartbeat's
-threads and only update `_events` under a lock; everything else runs on the
-head's event loop. `start`/`close` block (run them in an executor).
+threads; they update `_events` under a lock and hand member URIs to the
+head's event loop; everything else runs on that loop. `start`/`close` block (run them in an executor).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from isu import control
 
 if TYPE_CHECKING:
     from discovery.lease_server import LeaseServer
+    from discovery.record import IsuRecord
     from discovery.registry import IsuRegistry, RegistryEvent
     from head.daemon import Head
 
@@ -63,6 +69,7 @@ class Cluster:
         self._lock = threading.Lock()
         self._events: dict[str, dict[str, float]] = {}   # uuid -> event kind -> when the head noticed
         self._adopting = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()  # built on the head's loop
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -105,6 +112,29 @@ class Cluster:
         elif event.kind == "dead" and event.isu_class in (IsuClass.MEMBER, IsuClass.SPARE):
             log.error("isu %s (%s at %s): no heartbeat: dead", event.uuid, event.isu_class.value,
                       event.record.address)
+        if event.kind in ("found", "changed", "alive"):
+            self._offer_member(event.uuid, event.record)
+
+    def _offer_member(self, uuid: str, record: IsuRecord) -> None:
+        """An adopted member ISU is (again) on the network: give its URIs to the
+        member watcher, which re-adds them if their role failed (a member that
+        was missing when the head booted and assembled degraded, or one that
+        came back at a new address). Any thread; the watcher runs on the loop."""
+        entry = self.adopted(uuid)
+        if entry is None or entry["role"] != "member":
+            return
+        uris = self._uris(entry, record)
+        self._loop.call_soon_threadsafe(self._give_watcher, uris)
+
+    def _give_watcher(self, uris: list[str]) -> None:
+        watcher = self.head.watcher
+        if watcher is not None:
+            for uri in uris:
+                watcher.add_uri(uri)
+
+    def _uris(self, entry: dict[str, Any], record: IsuRecord) -> list[str]:
+        scheme = "nbds" if self.cfg.tls_dir else "nbd"
+        return [f"{scheme}://{record.address}:{record.port}/{export}" for export in entry["exports"]]
 
     # ------------------------------------------------------------ views
     def adopted(self, uuid: str) -> dict[str, Any] | None:
@@ -213,8 +243,6 @@ class Cluster:
                 log.info("cluster %s: waiting for members: %s", cfg.cluster_id, now)
                 said = now
             await asyncio.sleep(WAIT_STEP)
-        scheme = "nbds" if cfg.tls_dir else "nbd"
-        uris = [f"{scheme}://{found[i['uuid']].record.address}:{found[i['uuid']].record.port}/{export}"
-                for i in members if i["uuid"] in found for export in i["exports"]]
+        uris = [uri for i in members if i["uuid"] in found for uri in self._uris(i, found[i["uuid"]].record)]
         log.info("cluster %s: members from discovery: %s", cfg.cluster_id, " ".join(uris))
         return uris

@@ -162,7 +162,7 @@ class MemberWatcher:
     def __init__(self, array, uris: list[str], tls: ssl.SSLContext | None, *, interval: float = 1.0,
                  rate: float | None = None):
         self.array = array
-        self.uris = uris
+        self.uris = list(uris)  # own copy: discovery may add to it
         self.tls = tls
         self.interval = interval
         self.rate = rate
@@ -171,6 +171,13 @@ class MemberWatcher:
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
+
+    def add_uri(self, uri: str) -> None:
+        """Watch one more member URI (discovery found a member ISU); loop only."""
+        if uri not in self.uris:
+            self.uris.append(uri)
+            self.refused.discard(uri)
+            log.info("member watcher: also watching %s", uri)
 
     async def stop(self) -> None:
         if self._task:

@@ -18,6 +18,9 @@ Must hold, in order (one lab for the module; each test says what it needs):
    error line that changes nothing.
 3. A SIGKILLed member ISU is declared dead by the head within 3 s; the
    others stay alive.
+4. With that ISU still down, a restarted head assembles degraded from
+   discovery, takes writes, and re-adds the ISU when it returns (discovery
+   hands its URI to the member watcher), resyncing what it missed.
 Latencies are printed (pytest -s shows them).
 """
 from __future__ import annotations
@@ -204,3 +207,43 @@ def test_sigkill_of_a_member_isu_is_noticed_within_3_seconds(lab: NetnsLab) -> N
     assert latency < 3.0
     now = isus_by_uuid(lab)
     assert all(now[u]["alive"] for u in others)
+
+
+def test_head_boots_degraded_without_a_member_and_re_adds_it_when_it_returns(lab: NetnsLab,
+                                                                             tmp_path: Path) -> None:
+    """The SIGKILLed ISU (test 3) is still down: a restarted head waits its
+    (shortened) discovery timeout, assembles degraded from the three live
+    members, takes writes, and re-adds the fourth when it comes back, resyncing
+    what it missed; then the data reads back even without another member."""
+    from head import config as head_config  # noqa: PLC0415
+    victim = lab.lab["isus"][-1]
+    victim_index = len(lab.lab["isus"])
+    assert not isus_by_uuid(lab)[victim["uuid"]]["alive"]
+    home = lab.dir / "head"
+    lab.stop_head()
+    cfg = head_config.load(home)
+    cfg.discover_timeout = 5
+    head_config.save(home, cfg)
+    lab.start_head()
+    ready = lab.wait_head_ready(timeout=120)
+    assert sorted(ready["array"]) == sorted("U" * (N_ISUS - 1) + "_")
+
+    data = tmp_path / "degraded.bin"
+    data.write_bytes(os.urandom(VOLUME_BYTES))
+    subprocess.run(["nbdcopy", "--flush", str(data), nbd_unix(lab, "vol0")], check=True, timeout=60)
+
+    t0 = time.monotonic()
+    back_isu = lab.start_isu(victim_index)
+    assert back_isu["uuid"] == victim["uuid"]
+    status = wait_until("the returned member re-added and resynced",
+                        lambda: (lambda s: s if s["array"]["state"] == "U" * N_ISUS else None)(
+                            lab.api("GET", "/v1/status")), timeout=60, step=0.25)
+    print(f"returned member back in sync after {time.monotonic() - t0:.2f} s")
+    assert f"nbds://{back_isu['address']}:10809/disk0" in {m["name"] for m in status["array"]["members"]}
+
+    # The re-added member must hold what it missed: lose another member, read back.
+    other = lab.lab["isus"][0]
+    os.kill(other["pid"], signal.SIGKILL)
+    back = tmp_path / "back.bin"
+    subprocess.run(["nbdcopy", nbd_unix(lab, "vol0"), str(back)], check=True, timeout=120)
+    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(data.read_bytes()).digest()
