@@ -34,7 +34,7 @@ import importlib.util, sys, os
 spec = importlib.util.find_spec("cli.main")
 assert spec and os.path.dirname(os.path.dirname(spec.origin)) == sys.argv[1]
 for m in ("numpy", "cryptography", "yaml", "zeroconf", "pyroute2", "pyudev",
-          "serial", "flask", "dbus_next", "pytest", "pytest_timeout", "hypothesis"):
+          "serial", "flask", "dbus_next", "isal", "pytest", "pytest_timeout", "hypothesis"):
     importlib.import_module(m)
 PY
 then

@@ -334,17 +334,22 @@ class NBDClient:
         if exc is not None:
             p.future.set_exception(exc)
         else:
-            p.future.set_result(bytes(p.buf) if p.buf is not None else None)
+            p.future.set_result(p.buf)  # READ: the request's own bytearray, no copy
 
     def _send(self, p: _Pending) -> None:
         t = self._transport
         if t is None or t.is_closing():
             return  # the reconnect task re-sends it
-        if p.payload:
-            # one write: over TLS two writes would be two records and two sends
-            t.write(p.header + bytes(p.payload))
-        else:
+        if not p.payload:
             t.write(p.header)
+        elif self._tls is not None:
+            # one write: over TLS two writes would be two records and two sends
+            t.write(b"".join((p.header, p.payload)))
+        else:
+            # plain: the transport sends at once and copies only what the
+            # socket does not take, so the payload is never copied here
+            t.write(p.header)
+            t.write(p.payload)
 
     async def _request(self, type_: int, flags: int, offset: int, length: int,
                        payload: bytes | memoryview | None = None, read_len: int = 0):
@@ -371,7 +376,9 @@ class NBDClient:
             raise OSError(errno.ETIMEDOUT, f"{self.name}: {Command(type_).name} at {offset}+{length} "
                                            f"timed out after {self.timeout}s") from None
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """`length` bytes at `offset`: a fresh bytearray the caller owns (bytes when
+        the read spans several requests)."""
         out = []
         while length:
             n = min(length, MAX_PAYLOAD)

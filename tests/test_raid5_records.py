@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from raid5.bitmap import BitmapRecord
-from raid5.checksums import UNKNOWN, ChecksumBlock, block_tag
+from raid5.checksums import UNKNOWN, ChecksumBlock, block_tag, block_tags
 from raid5.errors import IntegrityError
 from raid5.geometry import BLOCK, CSUMS_PER_BLOCK
 from raid5.ppl import PPLRecord
@@ -94,3 +94,13 @@ def test_checksum_block_round_trip_zero_and_damage():
 
 def test_block_tag_never_unknown():
     assert block_tag(bytes(BLOCK)) != UNKNOWN
+
+
+def test_block_tags_are_zlib_crc32_whatever_library_computes_them():
+    """The stored tag is zlib's CRC-32 (0 stored as 1), so checksum blocks
+    written with either implementation (ISA-L or zlib) read back the same."""
+    import zlib
+    data = os.urandom(64 * BLOCK) + bytes(BLOCK)
+    want = [zlib.crc32(data[i:i + BLOCK]) or 1 for i in range(0, len(data), BLOCK)]
+    assert block_tags(data) == want
+    assert [block_tag(data[i:i + BLOCK]) for i in range(0, len(data), BLOCK)] == want
