@@ -9,6 +9,7 @@ Layout (JSON object, written atomically: temp file, fsync, rename):
      "create_array": false,         # create the array if no member holds one
      "assume_clean": false,         # only for members known to be all zeros (fresh sparse files)
      "chunk_size": 65536, "rebuild_rate": null,
+     "member_io_thread": false,     # member NBD clients on their own thread (head/members.py)
      "mount_root": DIR,             # volumes mount below here (a shared bind mount)
      "volumes": [{"name": "vol0", "size": BYTES, "mountpoint": DIR|null}],
      "backups": [{"volume": "vol0", "to": TARGET, "every": SECONDS, "keep_snapshot": false}],
@@ -79,6 +80,7 @@ class HeadConfig:
     assume_clean: bool = False  # members known to be all zeros: skip the initial parity pass
     chunk_size: int = 64 * 1024
     rebuild_rate: float | None = None
+    member_io_thread: bool = False  # member clients on a thread of their own (head/members.py)
     volumes: list[VolumeSpec] = field(default_factory=list)
     backups: list[BackupSpec] = field(default_factory=list)
     shares: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +113,8 @@ class HeadConfig:
                 raise ConfigError(f"members: {m} needs TLS but tls_dir is not set")
         if len(set(self.members)) != len(self.members):
             raise ConfigError("members: the same export is listed twice")
+        if not isinstance(self.member_io_thread, bool):
+            raise ConfigError(f"member_io_thread: expected true or false, got {self.member_io_thread!r}")
         if self.chunk_size < 4096 or self.chunk_size & (self.chunk_size - 1):
             raise ConfigError(f"chunk_size: expected a power of two >= 4096, got {self.chunk_size}")
         names = set()

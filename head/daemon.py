@@ -114,7 +114,7 @@ class Head:
         if left:
             log.warning("cleaned up after an unclean stop: %s", "; ".join(left))
         await self._start_cluster()
-        self.clients = await connect_all(cfg.members, self.client_tls)
+        self.clients = await connect_all(cfg.members, self.client_tls, io_thread=cfg.member_io_thread)
         present = [c for c in self.clients if c is not None]
         kinds = await asyncio.gather(*(_probe(c) for c in present))
         fresh = False
@@ -158,7 +158,8 @@ class Head:
         # The head's own mounts reach the exports over a 0600 Unix socket: no
         # TLS needed on the local path, and nbdfuse cannot load certificates.
         self.nbd_socket = await self.nbd.start_unix(str(self.state_dir / "nbd.sock"))
-        self.watcher = MemberWatcher(self.array, cfg.members, self.client_tls, rate=cfg.rebuild_rate)
+        self.watcher = MemberWatcher(self.array, cfg.members, self.client_tls, rate=cfg.rebuild_rate,
+                                     io_thread=cfg.member_io_thread)
         self.watcher.start()
         for spec in cfg.volumes:
             await self.mount(spec.name)

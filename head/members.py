@@ -1,13 +1,18 @@
 """The head's RAID members: NBD clients to ISU exports, and the watcher that
 brings a returning member back into the array.
 
-Member I/O runs on its own thread: every member's NBD client lives on one
-"member loop" in a separate thread, and the array (on the head's main loop)
-talks to it through `RemoteMember` proxies. TLS encryption and the socket
-sends to the ISUs release the GIL, so they proceed on the second core while
-the main loop computes parity and serves the volume exports. A proxy keeps
-the client's contract (errors as OSError with errno, ordering of awaited
-calls) and adds a fixed hand-off cost (~tens of microseconds) per request.
+Where member I/O runs (head config `member_io_thread`):
+- false (the default): every member's NBD client lives on the caller's own
+  event loop (the head's main loop), so a member request costs no hand-off.
+  On the 2-core machines we measure on, this is faster: cold reads through
+  the mounted filesystem went from about 190 to 250 MB/s and writes gained
+  about 8%, because the two threads mostly wait on each other for the GIL.
+- true: the clients live on one "member loop" in a separate thread and the
+  array talks to them through proxies with batched hand-offs (~tens of
+  microseconds each). TLS encryption and socket sends release the GIL, so
+  with spare cores they overlap with parity and the volume exports.
+Either way a `RemoteMember` keeps the client's contract (errors as OSError
+with errno, ordering of awaited calls).
 
 Contract: `connect_all` never raises for an unreachable member; it returns
 None in its place so the array can assemble degraded. The watcher runs on the
@@ -111,10 +116,21 @@ class MemberLoop:
         return await fut
 
 
-class RemoteMember:
-    """A raid5 member whose NBD client runs on the member loop."""
+class CallerLoop:
+    """Member I/O on the caller's own loop: `run` just awaits (no thread)."""
 
-    def __init__(self, client: NBDClient, mloop: MemberLoop):
+    async def run(self, coro):
+        return await coro
+
+
+def member_loop(io_thread: bool) -> "MemberLoop | CallerLoop":
+    return MemberLoop.shared() if io_thread else CallerLoop()
+
+
+class RemoteMember:
+    """A raid5 member whose NBD client runs on the member loop (or the caller's)."""
+
+    def __init__(self, client: NBDClient, mloop: "MemberLoop | CallerLoop"):
         self.client = client
         self.mloop = mloop
         self.name = client.name
@@ -133,9 +149,10 @@ class RemoteMember:
         await self.mloop.run(self.client.close())
 
 
-async def connect(uri: str, tls: ssl.SSLContext | None, *, timeout: float = CONNECT_TIMEOUT) -> RemoteMember:
+async def connect(uri: str, tls: ssl.SSLContext | None, *, timeout: float = CONNECT_TIMEOUT,
+                  io_thread: bool = False) -> RemoteMember:
     u = nbd_uri.parse(uri)
-    mloop = MemberLoop.shared()
+    mloop = member_loop(io_thread)
 
     async def open_client() -> NBDClient:
         c = await NBDClient.connect(u.host, u.port, u.export, tls_context=tls if u.tls else None,
@@ -146,10 +163,11 @@ async def connect(uri: str, tls: ssl.SSLContext | None, *, timeout: float = CONN
     return RemoteMember(await mloop.run(open_client()), mloop)
 
 
-async def connect_all(uris: list[str], tls: ssl.SSLContext | None) -> list[RemoteMember | None]:
+async def connect_all(uris: list[str], tls: ssl.SSLContext | None,
+                      io_thread: bool = False) -> list[RemoteMember | None]:
     async def one(u: str) -> RemoteMember | None:
         try:
-            return await connect(u, tls)
+            return await connect(u, tls, io_thread=io_thread)
         except OSError as exc:
             log.error("member %s unreachable: %s", u, exc)
             return None
@@ -160,8 +178,9 @@ class MemberWatcher:
     """Re-adds failed members whose export answers again."""
 
     def __init__(self, array, uris: list[str], tls: ssl.SSLContext | None, *, interval: float = 1.0,
-                 rate: float | None = None):
+                 rate: float | None = None, io_thread: bool = False):
         self.array = array
+        self.io_thread = io_thread
         self.uris = list(uris)  # own copy: discovery may add to it
         self.tls = tls
         self.interval = interval
@@ -205,7 +224,7 @@ class MemberWatcher:
             if uri in self._attached() or uri in self.refused:
                 continue
             try:
-                client = await connect(uri, self.tls, timeout=2.0)
+                client = await connect(uri, self.tls, timeout=2.0, io_thread=self.io_thread)
             except OSError:
                 continue
             try:
