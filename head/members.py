@@ -187,6 +187,7 @@ class MemberWatcher:
         self.rate = rate
         self.refused: set[str] = set()
         self._task: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()  # replaced clients being closed
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -202,6 +203,8 @@ class MemberWatcher:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _attached(self) -> set[str]:
         return {s.member.name for s in self.array.slots
@@ -217,6 +220,18 @@ class MemberWatcher:
             except Exception:
                 log.exception("member watcher pass failed")
 
+    def _retire(self, member: RemoteMember) -> None:
+        """Close the dead client a re-added member replaced, in the background
+        (bounded: it has nothing in flight that could still be answered)."""
+        async def close() -> None:
+            try:
+                await asyncio.wait_for(member.close(), CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.info("closing the replaced client of %s: %s", member.name, exc)
+        task = asyncio.ensure_future(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def check_once(self) -> None:
         if self.array.failed or not any(s.state is MemberState.FAULTY for s in self.array.slots):
             return
@@ -227,10 +242,14 @@ class MemberWatcher:
                 client = await connect(uri, self.tls, timeout=2.0, io_thread=self.io_thread)
             except OSError:
                 continue
+            before = [slot.member for slot in self.array.slots]
             try:
                 await recovery.re_add(self.array, client, rate=self.rate)
                 log.warning("member %s is back; resyncing what it missed (array %s)", uri,
                             self.array.state_string())
+                for old, slot in zip(before, self.array.slots):
+                    if old is not None and old is not slot.member:
+                        self._retire(old)
             except AssemblyError as exc:
                 log.error("member %s answers but cannot be re-added: %s", uri, exc)
                 self.refused.add(uri)
