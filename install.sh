@@ -2,7 +2,8 @@
 # Install everything Opie needs on a fresh Debian 12 machine, idempotently.
 # Debian packages are installed only when missing, and the Python package
 # (editable, with test extras) only when `opie` is not importable at this
-# checkout, so a second run takes a few seconds.
+# checkout (or an older install of it still provides a top-level `nbd`), so a
+# second run takes a few seconds.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -31,8 +32,11 @@ fi
 py=${PYTHON:-python3}
 if ! "$py" - "$here" <<'PY' 2>/dev/null
 import importlib.util, sys, os
-spec = importlib.util.find_spec("cli.main")
+os.chdir("/")  # find the installed opie, not one in the current directory
+spec = importlib.util.find_spec("opie.cli.main")
 assert spec and os.path.dirname(os.path.dirname(spec.origin)) == sys.argv[1]
+old = importlib.util.find_spec("nbd")  # a pre-namespace install of this checkout
+assert old is None or not (old.origin or "").startswith(sys.argv[1])
 for m in ("numpy", "cryptography", "yaml", "zeroconf", "pyroute2", "pyudev",
           "serial", "flask", "dbus_next", "isal", "pytest", "pytest_timeout", "hypothesis"):
     importlib.import_module(m)

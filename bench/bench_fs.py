@@ -59,7 +59,7 @@ sys.path.insert(0, REPO)
 # the lab starts `python -m cli.main`: make it importable whatever our cwd is
 os.environ["PYTHONPATH"] = REPO + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
 
-from isu.disks import parse_size  # noqa: E402
+from opie.isu.disks import parse_size  # noqa: E402
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from proc_support import random_file  # noqa: E402
 
@@ -124,7 +124,7 @@ class OpieStack:
         self.work, self.disk, self.lab, self.info = work, disk, None, None
 
     def up(self) -> str:
-        from lab.runner import Lab  # noqa: PLC0415
+        from opie.lab.runner import Lab  # noqa: PLC0415
         self.lab = Lab(self.work, isus=ISUS, disk_size=f"{self.disk // MIB}M")
         self.info = self.lab.up()
         return self.info["volumes"][0]["mountpoint"]

@@ -23,7 +23,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from isu.disks import parse_size  # noqa: E402
+from opie.isu.disks import parse_size  # noqa: E402
 from proc_support import random_file, start_isu, start_nbdkit, stop  # noqa: E402
 
 

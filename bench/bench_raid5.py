@@ -25,9 +25,9 @@ import time
 
 import numpy as np
 
-from raid5.assemble import create
-from raid5.geometry import Geometry
-from raid5.member import MemoryMember
+from opie.raid5.assemble import create
+from opie.raid5.geometry import Geometry
+from opie.raid5.member import MemoryMember
 
 MEMBERS = 5
 CHUNK = 64 * 1024
@@ -115,7 +115,7 @@ def start_isu(workdir: str, index: int, size: int) -> tuple[subprocess.Popen, in
     disk = os.path.join(workdir, f"isu{index}", f"disk{index}.img")
     os.makedirs(os.path.dirname(disk), exist_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "isu", "serve", "--disk", f"{disk}:{size}",
+        [sys.executable, "-m", "opie.cli.main", "isu", "serve", "--disk", f"{disk}:{size}",
          "--listen", f"127.0.0.1:{port}", "--state-dir", os.path.join(workdir, f"isu{index}", "state")],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline() if proc.stdout else ""
@@ -150,7 +150,7 @@ def nbdcopy_seconds(src: str, dst: str) -> float:
 
 
 async def part_isu(size: int, runs: int, data: np.ndarray) -> None:
-    from nbd.client import NBDClient  # only the benchmark composes raid5 with nbd
+    from opie.nbd.client import NBDClient  # only the benchmark composes raid5 with nbd
 
     view = memoryview(data.view(np.uint8))
     workdir = tempfile.mkdtemp(prefix="bench-raid5-")
@@ -217,7 +217,7 @@ def main() -> int:
         asyncio.run(part_memory(size, args.runs, data))
     if not args.skip_isu:
         try:
-            import nbd.client  # noqa: F401
+            import opie.nbd.client  # noqa: F401
         except ImportError:
             print("\n(ISU part skipped: nbd.client is not available)")
             return 0

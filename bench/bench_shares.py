@@ -24,13 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shares.clients import file_sha256 as sha256, smbclient, write_random  # noqa: E402
-from shares.model import Protocol, Share, ShareTable  # noqa: E402
-from shares.process import free_port  # noqa: E402
-from shares.service import ShareService  # noqa: E402
-from shares.smb import SmbSettings  # noqa: E402
-from shares.smbd import write_config  # noqa: E402
-from shares.users import UserManager  # noqa: E402
+from opie.shares.clients import file_sha256 as sha256, smbclient, write_random  # noqa: E402
+from opie.shares.model import Protocol, Share, ShareTable  # noqa: E402
+from opie.shares.process import free_port  # noqa: E402
+from opie.shares.service import ShareService  # noqa: E402
+from opie.shares.smb import SmbSettings  # noqa: E402
+from opie.shares.smbd import write_config  # noqa: E402
+from opie.shares.users import UserManager  # noqa: E402
 
 HOST = "127.0.0.1"
 BENCH_DIR = "opie-bench"

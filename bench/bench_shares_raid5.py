@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_shares  # noqa: E402
-from lab.runner import Lab  # noqa: E402
+from opie.lab.runner import Lab  # noqa: E402
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ import random
 import statistics
 import time
 
-from head.volumes import DEFAULT_SEGMENT, MemoryDevice, Pool
+from opie.head.volumes import DEFAULT_SEGMENT, MemoryDevice, Pool
 
 MIB = 1 << 20
 VOLUME = 256 * MIB

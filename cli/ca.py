@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.errors import OpieError
+from opie.cli.errors import OpieError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
-    from nbd import tls
+    from opie.nbd import tls
     try:
         d = tls.create_ca(args.dir, name=args.name)
         tls.issue(d, d)
@@ -43,7 +43,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
-    from nbd import tls
+    from opie.nbd import tls
     try:
         out = tls.issue(args.ca_dir, args.out_dir, server_names=args.san,
                         client_name=args.client_name, force=args.force)

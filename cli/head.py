@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.errors import OpieError, UsageError
+from opie.cli.errors import OpieError, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from head.config import ConfigError
-    from head.daemon import HeadError, run
+    from opie.head.config import ConfigError
+    from opie.head.daemon import HeadError, run
     try:
         return asyncio.run(run(args.state_dir))
     except ConfigError as exc:

@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from cli.errors import OpieError, UsageError
+from opie.cli.errors import OpieError, UsageError
 
 
 def add_head_options(p: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_head_options(p: argparse.ArgumentParser) -> None:
 
 
 def api(args: argparse.Namespace):
-    from head.apiclient import APIError, HeadAPI
+    from opie.head.apiclient import APIError, HeadAPI
     try:
         return HeadAPI.locate(args.head, args.token_file, args.lab)
     except APIError as exc:
@@ -25,7 +25,7 @@ def api(args: argparse.Namespace):
 
 
 def call(args: argparse.Namespace, method: str, path: str, body=None):
-    from head.apiclient import APIError
+    from opie.head.apiclient import APIError
     try:
         return api(args).call(method, path, body)
     except APIError as exc:
@@ -36,7 +36,7 @@ def call(args: argparse.Namespace, method: str, path: str, body=None):
 
 def follow(args: argparse.Namespace, job: dict, quiet: bool = False) -> dict:
     """Poll a job until it ends, showing progress on stderr; return the job."""
-    from head.apiclient import APIError
+    from opie.head.apiclient import APIError
     client = api(args)
     tty = sys.stderr.isatty()
     last = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cli.errors import OpieError, UsageError
+from opie.cli.errors import OpieError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
     c.set_defaults(func=_console)
 
-    from cli.headapi import add_head_options
+    from opie.cli.headapi import add_head_options
     ls = isu_sub.add_parser("list", help="ISUs the head has discovered",
                             description="Every ISU the head sees on the network: its class (new, "
                                         "member, spare, foreign), liveness, address and TXT.")
@@ -85,10 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from isu.agent import DEFAULT_STATE_DIR, serve
-    from isu.disks import DiskError
-    from isu.identity import IdentityError
-    from isu.services import ServiceOptions
+    from opie.isu.agent import DEFAULT_STATE_DIR, serve
+    from opie.isu.disks import DiskError
+    from opie.isu.identity import IdentityError
+    from opie.isu.services import ServiceOptions
 
     try:
         options = ServiceOptions(announce=args.announce, lease=args.lease,
@@ -105,7 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _console(args: argparse.Namespace) -> int:
-    from isu.console import ConsoleError, run_admin_console
+    from opie.isu.console import ConsoleError, run_admin_console
 
     try:
         replies = run_admin_console(args.device, args.commands or ["status"], timeout=args.timeout)
@@ -123,7 +123,7 @@ def _console(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     import json
 
-    from cli.headapi import call
+    from opie.cli.headapi import call
     isus = call(args, "GET", "/v1/isus")["isus"]
     if args.json:
         print(json.dumps(isus, indent=2))
@@ -140,7 +140,7 @@ def _adopt(args: argparse.Namespace) -> int:
     import json
     import urllib.parse
 
-    from cli.headapi import call
+    from opie.cli.headapi import call
     isu = call(args, "POST", f"/v1/isus/{urllib.parse.quote(args.uuid, safe='')}/adopt", {"role": args.role})
     if args.json:
         print(json.dumps(isu, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cli.errors import OpieError, UsageError
+from opie.cli.errors import OpieError, UsageError
 
 DEFAULT_DIR = "/var/tmp/opie-lab"
 
@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from isu.disks import DiskError, parse_size
-    from lab.runner import Lab, LabError, summary
+    from opie.isu.disks import DiskError, parse_size
+    from opie.lab.runner import Lab, LabError, summary
     if args.netns:
         return _up_netns(args)
     try:
@@ -65,9 +65,9 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _up_netns(args: argparse.Namespace) -> int:
-    from isu.disks import DiskError, parse_size
-    from lab.netns_lab import NetnsLab, summary
-    from lab.runner import LabError
+    from opie.isu.disks import DiskError, parse_size
+    from opie.lab.netns_lab import NetnsLab, summary
+    from opie.lab.runner import LabError
     if args.detach or args.no_head:
         raise UsageError("--netns runs in the foreground with a head (no --detach, no --no-head)")
     try:
@@ -81,7 +81,7 @@ def _up_netns(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from lab.runner import LabError, down
+    from opie.lab.runner import LabError, down
     try:
         pids = down(args.dir)
     except LabError as exc:
@@ -91,7 +91,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from lab.runner import _alive, read_lab
+    from opie.lab.runner import _alive, read_lab
     lab = read_lab(args.dir)
     if lab is None:
         raise OpieError(f"no lab in {args.dir}")

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from cli.errors import OpieError
+from opie.cli.errors import OpieError
 
 FAMILIES = ["ca", "isu", "head", "array", "snapshot", "lab", "status", "backup", "share", "user"]
 
@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in FAMILIES:
         try:
-            module = importlib.import_module(f"cli.{name}")
+            module = importlib.import_module(f"opie.cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"cli.{name}":
+            if exc.name == f"opie.cli.{name}":
                 continue
             log.warning("'opie %s' is unavailable: %s", name, exc)
             continue

@@ -13,10 +13,10 @@ import json
 import os
 from pathlib import Path
 
-from cli.errors import OpieError, UsageError
-from shares.errors import CallError, ValidationErrors
-from shares.model import Protocol, Share
-from shares.store import DEFAULT_STATE_DIR, load_table, save_table
+from opie.cli.errors import OpieError, UsageError
+from opie.shares.errors import CallError, ValidationErrors
+from opie.shares.model import Protocol, Share
+from opie.shares.store import DEFAULT_STATE_DIR, load_table, save_table
 
 
 def default_config() -> Path:
@@ -25,7 +25,7 @@ def default_config() -> Path:
 
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
-    from cli.headapi import add_head_options
+    from opie.cli.headapi import add_head_options
     parser.add_argument("--config", type=Path, default=None,
                         help="edit this shares file (.json or .yaml) offline instead of the running head")
     add_head_options(parser)
@@ -51,7 +51,7 @@ def _api_fields(args: argparse.Namespace) -> dict:
 
 def cmd_add(args: argparse.Namespace) -> int:
     if args.config is None:
-        from cli.headapi import call
+        from opie.cli.headapi import call
         if args.mountpoint:
             raise UsageError("mountpoint: the head knows where its volumes are mounted; "
                              "--mountpoint goes with --config only")
@@ -88,7 +88,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_del(args: argparse.Namespace) -> int:
     if args.config is None:
-        from cli.headapi import call
+        from opie.cli.headapi import call
         call(args, "DELETE", f"/v1/shares/{args.name}")
         print(f"share {args.name} removed")
         return 0
@@ -106,8 +106,8 @@ def cmd_del(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.config is None:
-        from cli.headapi import call
-        from shares.model import ShareTable
+        from opie.cli.headapi import call
+        from opie.shares.model import ShareTable
         table = ShareTable.from_dict({"volumes": {}, "shares": call(args, "GET", "/v1/shares")})
     else:
         table = _load(config_path(args))

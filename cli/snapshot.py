@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cli.headapi import add_head_options, call
+from opie.cli.headapi import add_head_options, call
 
 
 def register(sub: argparse._SubParsersAction) -> None:

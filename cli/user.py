@@ -12,13 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from cli.errors import OpieError, UsageError
-from cli.share import add_config_arg, config_path
-from shares.errors import CallError, ValidationErrors
-from shares.smb import SmbSettings
-from shares.smbd import write_config
-from shares.store import DEFAULT_STATE_DIR, load_table
-from shares.users import UserManager
+from opie.cli.errors import OpieError, UsageError
+from opie.cli.share import add_config_arg, config_path
+from opie.shares.errors import CallError, ValidationErrors
+from opie.shares.smb import SmbSettings
+from opie.shares.smbd import write_config
+from opie.shares.store import DEFAULT_STATE_DIR, load_table
+from opie.shares.users import UserManager
 
 
 def manager(args: argparse.Namespace) -> UserManager:

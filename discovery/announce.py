@@ -16,8 +16,8 @@ from typing import Any
 
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
-from discovery.lifecycle import Service
-from discovery.record import SERVICE_TYPE, IsuRecord
+from opie.discovery.lifecycle import Service
+from opie.discovery.record import SERVICE_TYPE, IsuRecord
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
-from discovery.lifecycle import Service
-from discovery.record import SERVICE_TYPE, BadAnnouncement, IsuClass, IsuRecord, classify, from_txt
+from opie.discovery.lifecycle import Service
+from opie.discovery.record import SERVICE_TYPE, BadAnnouncement, IsuClass, IsuRecord, classify, from_txt
 
 log = logging.getLogger(__name__)
 

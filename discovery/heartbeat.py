@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from discovery.lifecycle import Service
+from opie.discovery.lifecycle import Service
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
-from discovery.atomic import atomic_write
-from discovery.lease_proto import NakReason
+from opie.discovery.atomic import atomic_write
+from opie.discovery.lease_proto import NakReason
 
 log = logging.getLogger(__name__)
 

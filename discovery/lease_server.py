@@ -13,11 +13,11 @@ import select
 import socket
 import threading
 
-from discovery.lease_pool import LeasePool, LeaseRefused
-from discovery.lease_proto import (ANY, LEASE_CLIENT_PORT, LEASE_SERVER_PORT, Kind,
+from opie.discovery.lease_pool import LeasePool, LeaseRefused
+from opie.discovery.lease_proto import (ANY, LEASE_CLIENT_PORT, LEASE_SERVER_PORT, Kind,
                                    LeaseMessage, LeaseProtocolError, decode, encode)
-from discovery.lifecycle import Service
-from discovery.netutil import broadcast_socket
+from opie.discovery.lifecycle import Service
+from opie.discovery.netutil import broadcast_socket
 
 log = logging.getLogger(__name__)
 

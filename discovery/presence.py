@@ -11,10 +11,10 @@ import logging
 import uuid as uuidlib
 from typing import Any
 
-from discovery.announce import IsuAnnouncer
-from discovery.heartbeat import HeartbeatResponder
-from discovery.lifecycle import Service
-from discovery.record import IsuRecord
+from opie.discovery.announce import IsuAnnouncer
+from opie.discovery.heartbeat import HeartbeatResponder
+from opie.discovery.lifecycle import Service
+from opie.discovery.record import IsuRecord
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from discovery.browse import DiscoveryEvent, EventKind, IsuBrowser
-from discovery.heartbeat import LivenessMonitor
-from discovery.lifecycle import Service
-from discovery.record import IsuClass, IsuRecord, classify
+from opie.discovery.browse import DiscoveryEvent, EventKind, IsuBrowser
+from opie.discovery.heartbeat import LivenessMonitor
+from opie.discovery.lifecycle import Service
+from opie.discovery.record import IsuClass, IsuRecord, classify
 
 log = logging.getLogger(__name__)
 

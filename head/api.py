@@ -121,7 +121,7 @@ class APIServer:
 
     # ------------------------------------------------------------ routing
     def _call(self, coro):
-        from head.daemon import HeadError  # noqa: PLC0415
+        from opie.head.daemon import HeadError  # noqa: PLC0415
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return fut.result(CALL_TIMEOUT)
@@ -151,7 +151,7 @@ class APIServer:
             self._call(head.delete_snapshot(p[1], p[2]))
             return 200, {"deleted": f"{p[1]}@{p[2]}"}
         if method == "POST" and len(p) == 4 and p[0] == "snapshots" and p[3] == "mount":
-            from head.daemon import snapshot_export  # noqa: PLC0415
+            from opie.head.daemon import snapshot_export  # noqa: PLC0415
             export = snapshot_export(p[1], p[2])
             if export not in head.nbd.exports:
                 raise _Error(404, f"no snapshot {export}")
@@ -198,7 +198,7 @@ class APIServer:
 
 
     def _shares(self, method: str, p: list[str], body: dict):
-        from shares.errors import CallError, ValidationErrors  # noqa: PLC0415
+        from opie.shares.errors import CallError, ValidationErrors  # noqa: PLC0415
         files = self.head.files
         if files is None:
             raise _Error(409, "shares are not enabled on this head (head.json: shares.enabled)")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from nbd import uri as nbd_uri
+from opie.nbd import uri as nbd_uri
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Target:
 
     async def open(self, size: int, create: bool) -> None:
         if self.nbd:
-            from nbd.client import NBDClient  # noqa: PLC0415
+            from opie.nbd.client import NBDClient  # noqa: PLC0415
             self.dev = await NBDClient.connect(self.uri.host, self.uri.port, self.uri.export,
                                                tls_dir=self.tls_dir if self.uri.tls else None)
             if self.dev.size < size:

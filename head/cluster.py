@@ -41,15 +41,15 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from discovery.record import IsuClass
-from head import config as head_config
-from isu import control
+from opie.discovery.record import IsuClass
+from opie.head import config as head_config
+from opie.isu import control
 
 if TYPE_CHECKING:
-    from discovery.lease_server import LeaseServer
-    from discovery.record import IsuRecord
-    from discovery.registry import IsuRegistry, RegistryEvent
-    from head.daemon import Head
+    from opie.discovery.lease_server import LeaseServer
+    from opie.discovery.record import IsuRecord
+    from opie.discovery.registry import IsuRegistry, RegistryEvent
+    from opie.head.daemon import Head
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,13 @@ class Cluster:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Lease server (if a pool is configured), then the registry; blocking."""
-        from discovery.registry import IsuRegistry  # noqa: PLC0415
+        from opie.discovery.registry import IsuRegistry  # noqa: PLC0415
         cfg = self.cfg
         if cfg.lease_pool:
-            from discovery.arp import arp_probe  # noqa: PLC0415
-            from discovery.lease_pool import LeasePool, parse_pool  # noqa: PLC0415
-            from discovery.lease_server import LeaseServer  # noqa: PLC0415
-            from isu.services import read_token  # noqa: PLC0415
+            from opie.discovery.arp import arp_probe  # noqa: PLC0415
+            from opie.discovery.lease_pool import LeasePool, parse_pool  # noqa: PLC0415
+            from opie.discovery.lease_server import LeaseServer  # noqa: PLC0415
+            from opie.isu.services import read_token  # noqa: PLC0415
             pool = LeasePool(str(Path(self.head.state_dir) / LEASES_FILE), parse_pool(cfg.lease_pool),
                              cfg.lease_prefixlen, lease_secs=cfg.lease_secs,
                              probe=lambda a: arp_probe(cfg.lease_interface, a))
@@ -167,7 +167,7 @@ class Cluster:
     # ------------------------------------------------------------ adoption
     async def adopt(self, uuid: str, role: str) -> dict[str, Any]:
         """Make a new ISU a member or spare of this cluster; durable on both sides on return."""
-        from head.daemon import HeadError  # noqa: PLC0415
+        from opie.head.daemon import HeadError  # noqa: PLC0415
         if role not in ("member", "spare"):
             raise HeadError(f"role: expected member or spare, got {role!r}", 400)
         try:
@@ -216,7 +216,7 @@ class Cluster:
     # ------------------------------------------------------------ boot-time assembly
     async def member_uris(self) -> list[str]:
         """Wait (bounded) for the adopted members, then their NBD URIs from discovery."""
-        from head.daemon import HeadError  # noqa: PLC0415
+        from opie.head.daemon import HeadError  # noqa: PLC0415
         cfg = self.cfg
         deadline = time.monotonic() + cfg.discover_timeout
         said = ""

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbd import uri as nbd_uri
+from opie.nbd import uri as nbd_uri
 
 log = logging.getLogger(__name__)
 

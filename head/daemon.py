@@ -28,20 +28,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from head import backup as head_backup
-from head import config as head_config
-from head import fsfreeze
-from head.config import HeadConfig
-from head.jobs import Job, Jobs
-from head.members import MemberWatcher, connect_all
-from head.volumes import NotFoundError, Pool, ValidationError
-from head.volumes import IntegrityError as PoolIntegrityError, UnsupportedVersion
-from nbd import tls
-from nbd.server import NBDServer, TLSMode
-from raid5 import assemble as raid5_assemble
-from raid5 import scrub as raid5_scrub
-from raid5.errors import AssemblyError
-from raid5.superblock import Superblock
+from opie.head import backup as head_backup
+from opie.head import config as head_config
+from opie.head import fsfreeze
+from opie.head.config import HeadConfig
+from opie.head.jobs import Job, Jobs
+from opie.head.members import MemberWatcher, connect_all
+from opie.head.volumes import NotFoundError, Pool, ValidationError
+from opie.head.volumes import IntegrityError as PoolIntegrityError, UnsupportedVersion
+from opie.nbd import tls
+from opie.nbd.server import NBDServer, TLSMode
+from opie.raid5 import assemble as raid5_assemble
+from opie.raid5 import scrub as raid5_scrub
+from opie.raid5.errors import AssemblyError
+from opie.raid5.superblock import Superblock
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Head:
 
     async def start(self) -> None:
         cfg = self.cfg
-        from head.mount import cleanup_stale  # noqa: PLC0415
+        from opie.head.mount import cleanup_stale  # noqa: PLC0415
         left = await asyncio.get_running_loop().run_in_executor(
             None, cleanup_stale, str(self.state_dir / "run"), cfg.mount_root)
         if left:
@@ -164,14 +164,14 @@ class Head:
         for spec in cfg.volumes:
             await self.mount(spec.name)
         if cfg.shares.get("enabled"):
-            from head.fileservice import FileService, FileServiceConfig  # noqa: PLC0415
+            from opie.head.fileservice import FileService, FileServiceConfig  # noqa: PLC0415
             try:
                 fs_cfg = FileServiceConfig.from_dict(cfg.shares)
             except (TypeError, ValueError) as exc:
                 raise HeadError(f"head config: {exc}") from None
             self.files = FileService(self, fs_cfg)
             await self.files.start()
-        from head.api import APIServer  # noqa: PLC0415 (the API imports this module)
+        from opie.head.api import APIServer  # noqa: PLC0415 (the API imports this module)
         if self.api is None:  # already up when members came from discovery
             self.api = APIServer(self, *_split(cfg.api_listen))
             self.api.start()
@@ -194,7 +194,7 @@ class Head:
                 await self.unmount(name)
             except HeadError as exc:
                 log.error("%s", exc)
-        from head.mount import release_shared_root  # noqa: PLC0415
+        from opie.head.mount import release_shared_root  # noqa: PLC0415
         for root in (str(self.state_dir / "run"), self.cfg.mount_root):
             await asyncio.get_running_loop().run_in_executor(None, release_shared_root, root)
         if self.watcher:
@@ -217,12 +217,12 @@ class Head:
         by discovery (kept in memory only: the next boot discovers them again)."""
         if not self.cfg.discover:
             return
-        from head.cluster import Cluster  # noqa: PLC0415
+        from opie.head.cluster import Cluster  # noqa: PLC0415
         loop = asyncio.get_running_loop()
         self.cluster = Cluster(self)
         await loop.run_in_executor(None, self.cluster.start)
         if not self.cfg.members:
-            from head.api import APIServer  # noqa: PLC0415
+            from opie.head.api import APIServer  # noqa: PLC0415
             self.api = APIServer(self, *_split(self.cfg.api_listen))
             self.api.start()
             self.cfg.members = await self.cluster.member_uris()
@@ -241,7 +241,7 @@ class Head:
 
     # ------------------------------------------------------------ mounts
     async def mount(self, export: str, mountpoint: str | None = None, read_only: bool = False) -> dict:
-        from head.mount import Mount  # noqa: PLC0415
+        from opie.head.mount import Mount  # noqa: PLC0415
         if export in self.mounts:
             return self.mounts[export].status()
         m = Mount(f"nbd+unix:///{export}?socket={self.nbd_socket}", mountpoint or self.cfg.mountpoint(export),

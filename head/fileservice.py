@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shares import snapshots as share_snapshots
-from shares.errors import CallError, ValidationErrors
-from shares.model import Protocol, Share, ShareTable
-from shares.nfs import NfsSettings
-from shares.service import ShareService
-from shares.smb import SmbSettings
-from shares.store import load_table, save_table
+from opie.shares import snapshots as share_snapshots
+from opie.shares.errors import CallError, ValidationErrors
+from opie.shares.model import Protocol, Share, ShareTable
+from opie.shares.nfs import NfsSettings
+from opie.shares.service import ShareService
+from opie.shares.smb import SmbSettings
+from opie.shares.store import load_table, save_table
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class FileService:
         """Servers a crashed head left running (smbd, samba-dcerpcd, ganesha,
         their dbus-daemon): every process whose command line names our state
         dir, found in /proc and stopped by pid."""
-        from shares.process import cmdline, stop_pid  # noqa: PLC0415
+        from opie.shares.process import cmdline, stop_pid  # noqa: PLC0415
         mine = str(self.dir)
         stopped = []
         for entry in Path("/proc").iterdir():
@@ -170,7 +170,7 @@ class FileService:
     async def snapshot_added(self, volume: str, name: str, created: float) -> None:
         """Mount the snapshot read-only where shadow_copy2 looks, if a share of
         the volume shows previous versions."""
-        from head.daemon import snapshot_export  # noqa: PLC0415
+        from opie.head.daemon import snapshot_export  # noqa: PLC0415
         export = snapshot_export(volume, name)
         if volume not in self.head.mounts or export in self.snapshot_mounts or not self._wants_versions(volume):
             return
@@ -211,7 +211,7 @@ class FileService:
 
 
 def lab_clients(table: ShareTable, host: str, cfg: FileServiceConfig, user: str, password: str) -> list[dict]:
-    from shares import clients  # noqa: PLC0415
+    from opie.shares import clients  # noqa: PLC0415
     return clients.describe(table, host, cfg.smb_port, cfg.nfs_port, user, password)
 
 

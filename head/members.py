@@ -29,11 +29,11 @@ import logging
 import ssl
 import threading
 
-from nbd import uri as nbd_uri
-from nbd.client import NBDClient
-from raid5 import recovery
-from raid5.errors import AssemblyError
-from raid5.superblock import MemberState
+from opie.nbd import uri as nbd_uri
+from opie.nbd.client import NBDClient
+from opie.raid5 import recovery
+from opie.raid5.errors import AssemblyError
+from opie.raid5.superblock import MemberState
 
 log = logging.getLogger(__name__)
 

@@ -51,8 +51,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from head import fsfreeze
-from shares.process import cmdline, pid_alive
+from opie.head import fsfreeze
+from opie.shares.process import cmdline, pid_alive
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 from collections.abc import Callable
 from typing import Any
 
-from discovery.lease_proto import (LEASE_CLIENT_PORT, LEASE_SERVER_PORT, Kind, LeaseMessage,
+from opie.discovery.lease_proto import (LEASE_CLIENT_PORT, LEASE_SERVER_PORT, Kind, LeaseMessage,
                                    LeaseProtocolError, NakReason, decode, encode)
-from discovery.netutil import broadcast_socket
-from isu import identity
+from opie.discovery.netutil import broadcast_socket
+from opie.isu import identity
 
 log = logging.getLogger(__name__)
 

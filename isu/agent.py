@@ -20,10 +20,10 @@ import signal
 import sys
 from typing import Any
 
-from isu import identity
-from isu.disks import Disk, DiskError, DiskSpec
-from nbd import tls
-from nbd.server import NBDServer, TLSMode
+from opie.isu import identity
+from opie.isu.disks import Disk, DiskError, DiskSpec
+from opie.nbd import tls
+from opie.nbd.server import NBDServer, TLSMode
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def serve(state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | Non
     """`services`: an isu.services.ServiceOptions, or None for NBD only."""
     agent = ISUAgent(state_dir, disk_specs, listen, tls_dir, workers)
     if services is not None and services.wanted:
-        from isu.services import IsuServices  # noqa: PLC0415
+        from opie.isu.services import IsuServices  # noqa: PLC0415
         agent.services = IsuServices(agent, services)
     try:
         asyncio.run(run(agent))

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from isu.addressing import (ConfigError, parse_address, parse_head, parse_name, read_network,
+from opie.isu.addressing import (ConfigError, parse_address, parse_head, parse_name, read_network,
                             update_network)
 
 log = logging.getLogger(__name__)

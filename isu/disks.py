@@ -16,7 +16,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from nbd.export import FileExport
+from opie.nbd.export import FileExport
 
 log = logging.getLogger(__name__)
 

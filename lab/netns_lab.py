@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab.netns import LabHost, LabNetwork
-from lab.runner import LAB_JSON, Lab, LabError, _wait_ready, _write_lab
-from nbd import tls
+from opie.lab.netns import LabHost, LabNetwork
+from opie.lab.runner import LAB_JSON, Lab, LabError, _wait_ready, _write_lab
+from opie.nbd import tls
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class NetnsLab:
 
     def start_head(self) -> None:
         """Start (or restart) the head in h0; the config is written once and then kept."""
-        from head import config as head_config  # noqa: PLC0415
+        from opie.head import config as head_config  # noqa: PLC0415
         home = self.dir / "head"
         home.mkdir(parents=True, exist_ok=True)
         tls.issue(self.dir / "ca", home / "tls", server_names=[self.head_address],
@@ -156,7 +156,7 @@ class NetnsLab:
         log_path, out_path = home / "head.log", home / "head.out"
         with open(log_path, "ab") as logf, open(out_path, "wb") as outf:
             self.head_proc = self.head_host.popen(
-                [sys.executable, "-m", "cli.main", "-v", "head", "run", "--state-dir", str(home)],
+                [sys.executable, "-m", "opie.cli.main", "-v", "head", "run", "--state-dir", str(home)],
                 stdout=outf, stderr=logf, stdin=subprocess.DEVNULL)
         self.lab["heads"] = [{"name": "head0", "role": "active", "pid": self.head_proc.pid,
                               "netns": self.head_host.netns, "api": self.api_url,
@@ -196,7 +196,7 @@ class NetnsLab:
         disk = home / "disk0.img"
         spec = str(disk) if disk.exists() else f"{disk}:{self.disk_size}"
         log_path, out_path = home / "isu.log", home / "isu.out"
-        argv = [sys.executable, "-m", "cli.main", "-v", "isu", "serve", "--disk", spec,
+        argv = [sys.executable, "-m", "opie.cli.main", "-v", "isu", "serve", "--disk", spec,
                 "--listen", f"0.0.0.0:{ISU_NBD_PORT}", "--state-dir", str(home), "--tls-dir", str(home / "tls"),
                 *(extra if extra is not None else
                   ["--lease", "eth0", "--cluster-token-file", str(self.dir / "cluster-token")])]

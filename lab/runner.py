@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from head.apiclient import APIError
-from nbd import tls
-from shares.process import pid_alive
+from opie.head.apiclient import APIError
+from opie.nbd import tls
+from opie.shares.process import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Lab:
         log_path, out_path = home / "isu.log", home / "isu.out"
         with open(log_path, "ab") as logf, open(out_path, "wb") as outf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "-v", "isu", "serve", "--disk", spec,
+                [sys.executable, "-m", "opie.cli.main", "-v", "isu", "serve", "--disk", spec,
                  "--listen", f"127.0.0.1:{port}", "--state-dir", str(home), "--tls-dir", str(tls_dir)],
                 stdout=outf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs[f"isu{index}"] = proc
@@ -142,8 +142,8 @@ class Lab:
                 "exports": ready["exports"], "log": str(log_path)}
 
     def _start_head(self, ca: Path) -> dict[str, Any]:
-        from head import config as head_config  # noqa: PLC0415
-        from isu.disks import parse_size  # noqa: PLC0415
+        from opie.head import config as head_config  # noqa: PLC0415
+        from opie.isu.disks import parse_size  # noqa: PLC0415
         home = self.dir / "head"
         home.mkdir(parents=True, exist_ok=True)
         tls_dir = home / "tls"
@@ -167,7 +167,7 @@ class Lab:
         head_config.save(home, cfg)
         log_path, out_path = home / "head.log", home / "head.out"
         with open(log_path, "ab") as logf, open(out_path, "wb") as outf:
-            proc = subprocess.Popen([sys.executable, "-m", "cli.main", "-v", "head", "run", "--state-dir", str(home)],
+            proc = subprocess.Popen([sys.executable, "-m", "opie.cli.main", "-v", "head", "run", "--state-dir", str(home)],
                                     stdout=outf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs["head0"] = proc
         ready = _wait_ready(proc, out_path, log_path, HEAD_READY_TIMEOUT)
@@ -188,10 +188,10 @@ class Lab:
     def _lab_shares(self) -> list[dict[str, Any]]:
         """The lab's user and its share of vol0 (SMB and NFS, previous versions
         on), created once; returns lab.json's `shares` entries."""
-        from head.apiclient import HeadAPI  # noqa: PLC0415
-        from head.fileservice import FileServiceConfig, lab_clients  # noqa: PLC0415
-        from head import config as head_config  # noqa: PLC0415
-        from shares.model import ShareTable  # noqa: PLC0415
+        from opie.head.apiclient import HeadAPI  # noqa: PLC0415
+        from opie.head.fileservice import FileServiceConfig, lab_clients  # noqa: PLC0415
+        from opie.head import config as head_config  # noqa: PLC0415
+        from opie.shares.model import ShareTable  # noqa: PLC0415
         state = self.dir / "head" / "shares"
         pw_file = state / "lab-password"
         if not pw_file.exists():
@@ -200,10 +200,10 @@ class Lab:
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(12) + "\n")
         password = pw_file.read_text().strip()
-        listed = subprocess.run([sys.executable, "-m", "cli.main", "user", "list", "--json", "--state-dir", str(state)],
+        listed = subprocess.run([sys.executable, "-m", "opie.cli.main", "user", "list", "--json", "--state-dir", str(state)],
                                 capture_output=True, text=True, timeout=60)
         if listed.returncode != 0 or LAB_USER not in listed.stdout:
-            res = subprocess.run([sys.executable, "-m", "cli.main", "user", "add", LAB_USER, "--password-stdin",
+            res = subprocess.run([sys.executable, "-m", "opie.cli.main", "user", "add", LAB_USER, "--password-stdin",
                                   "--state-dir", str(state)], input=password + "\n", capture_output=True,
                                  text=True, timeout=60)
             if res.returncode != 0:
@@ -268,7 +268,7 @@ class Lab:
     def remove_user(self) -> None:
         """Delete the lab's share user from Samba's passdb, and its Unix account
         if the lab created it (for tests and benchmarks that leave no trace)."""
-        subprocess.run([sys.executable, "-m", "cli.main", "user", "del", LAB_USER, "--state-dir",
+        subprocess.run([sys.executable, "-m", "opie.cli.main", "user", "del", LAB_USER, "--state-dir",
                         str(self.dir / "head" / "shares")], capture_output=True, timeout=60)
 
     # ------------------------------------------------------------ failures, for tests and demos
@@ -350,7 +350,7 @@ def summary(lab: dict[str, Any]) -> str:
         lines.append(f"  volume {v['name']}  mounted at {v['mountpoint']}")
         lines.append(f"      {v['export']}")
     if lab.get("shares"):
-        from shares.clients import how_to_connect  # noqa: PLC0415
+        from opie.shares.clients import how_to_connect  # noqa: PLC0415
         lines.append("")
         for sh in lab["shares"]:
             lines.append(f"  share {sh['name']} ({sh['protocol']})  {sh['url']}"

@@ -24,9 +24,9 @@ import logging
 import ssl
 from dataclasses import dataclass
 
-from nbd import codec
-from nbd.codec import ExportInfo, ProtocolError
-from nbd.constants import (
+from opie.nbd import codec
+from opie.nbd.codec import ExportInfo, ProtocolError
+from opie.nbd.constants import (
     MAX_PAYLOAD,
     ClientFlag,
     Command,
@@ -242,7 +242,7 @@ class NBDClient:
                       tls_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
                       timeout: float = 30.0, reconnect_attempts: int = 3) -> "NBDClient":
         if tls_dir and tls_context is None:
-            from nbd import tls as _tls
+            from opie.nbd import tls as _tls
             tls_context = _tls.client_context(tls_dir)
         self = cls(host, port, export, tls_context, server_hostname, timeout, reconnect_attempts)
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from nbd.constants import (
+from opie.nbd.constants import (
     IHAVEOPT,
     MAX_NAME_LENGTH,
     MAX_OPTION_LENGTH,

@@ -38,9 +38,9 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 
-from nbd import codec, splice
-from nbd.codec import ProtocolError
-from nbd.constants import (
+from opie.nbd import codec, splice
+from opie.nbd.codec import ProtocolError
+from opie.nbd.constants import (
     MAX_OPTION_LENGTH,
     MAX_PAYLOAD,
     MIN_BLOCK,
@@ -57,7 +57,7 @@ from nbd.constants import (
     TransmissionFlag,
     wire_errno,
 )
-from nbd.export import Export
+from opie.nbd.export import Export
 
 log = logging.getLogger(__name__)
 

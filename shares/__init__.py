@@ -15,13 +15,13 @@ Public API (what the head calls):
 - `snapshot_dir(volume_mountpoint, taken_at)` (shares.snapshots): where a
   snapshot must be mounted for "Previous Versions".
 """
-from shares.errors import CallError, ValidationErrors
-from shares.model import Protocol, Share, ShareTable
-from shares.nfs import NfsSettings
-from shares.service import ShareService
-from shares.smb import SmbSettings
-from shares.snapshots import gmt_name, snapshot_dir
-from shares.users import UserManager
+from opie.shares.errors import CallError, ValidationErrors
+from opie.shares.model import Protocol, Share, ShareTable
+from opie.shares.nfs import NfsSettings
+from opie.shares.service import ShareService
+from opie.shares.smb import SmbSettings
+from opie.shares.snapshots import gmt_name, snapshot_dir
+from opie.shares.users import UserManager
 
 __all__ = ["CallError", "NfsSettings", "Protocol", "Share", "ShareService", "ShareTable",
            "SmbSettings", "UserManager", "ValidationErrors", "gmt_name", "snapshot_dir"]

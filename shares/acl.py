@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from shares.model import Share, ShareTable
-from shares.process import run
+from opie.shares.model import Share, ShareTable
+from opie.shares.process import run
 
 log = logging.getLogger(__name__)
 

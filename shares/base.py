@@ -12,9 +12,9 @@ import ipaddress
 import logging
 from typing import Any, ClassVar
 
-from shares.errors import ValidationErrors
-from shares.process import ServerProcess
-from shares.model import ABS_PATH_RE, Protocol, Share, ShareTable
+from opie.shares.errors import ValidationErrors
+from opie.shares.process import ServerProcess
+from opie.shares.model import ABS_PATH_RE, Protocol, Share, ShareTable
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from shares.model import ShareTable
+from opie.shares.model import ShareTable
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
-from shares.errors import CallError
-from shares.files import write_atomic
-from shares.process import Child, wait_for
+from opie.shares.errors import CallError
+from opie.shares.files import write_atomic
+from opie.shares.process import Child, wait_for
 
 log = logging.getLogger(__name__)
 

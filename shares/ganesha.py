@@ -17,13 +17,13 @@ import logging
 import os
 from pathlib import Path
 
-from shares import dbus_bus
-from shares.base import ServerRunner
-from shares.errors import CallError
-from shares.files import write_atomic
-from shares.model import ShareTable
-from shares.nfs import NfsSettings, render, render_export
-from shares.process import Child, Launcher, ServerProcess, wait_for
+from opie.shares import dbus_bus
+from opie.shares.base import ServerRunner
+from opie.shares.errors import CallError
+from opie.shares.files import write_atomic
+from opie.shares.model import ShareTable
+from opie.shares.nfs import NfsSettings, render, render_export
+from opie.shares.process import Child, Launcher, ServerProcess, wait_for
 
 log = logging.getLogger(__name__)
 

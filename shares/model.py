@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from shares.errors import ValidationErrors
+from opie.shares.errors import ValidationErrors
 
 log = logging.getLogger(__name__)
 

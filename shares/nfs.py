@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shares.base import ServerRunner, ShareKind, check_endpoint
-from shares.errors import ValidationErrors
-from shares.model import Protocol, Share, ShareTable
+from opie.shares.base import ServerRunner, ShareKind, check_endpoint
+from opie.shares.errors import ValidationErrors
+from opie.shares.model import Protocol, Share, ShareTable
 
 log = logging.getLogger(__name__)
 
@@ -120,5 +120,5 @@ class NfsKind(ShareKind):
         return render(table, self.settings)
 
     def runner(self, **options: Any) -> ServerRunner:
-        from shares.ganesha import GaneshaRunner
+        from opie.shares.ganesha import GaneshaRunner
         return GaneshaRunner(self.settings, **options)

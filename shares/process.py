@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
 
-from shares.errors import CallError
+from opie.shares.errors import CallError
 
 log = logging.getLogger(__name__)
 

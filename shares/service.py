@@ -14,13 +14,13 @@ import logging
 import pwd
 from typing import Any, Mapping
 
-from shares.acl import apply_acls
-from shares.base import KINDS, ServerRunner, ShareKind
-from shares.errors import ValidationErrors
-from shares.model import Protocol, ShareTable
+from opie.shares.acl import apply_acls
+from opie.shares.base import KINDS, ServerRunner, ShareKind
+from opie.shares.errors import ValidationErrors
+from opie.shares.model import Protocol, ShareTable
 
 # Importing the protocol modules registers their kinds.
-from shares import nfs as _nfs, smb as _smb  # noqa: F401
+from opie.shares import nfs as _nfs, smb as _smb  # noqa: F401
 
 log = logging.getLogger(__name__)
 

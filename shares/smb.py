@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shares.base import ServerRunner, ShareKind, check_endpoint
-from shares.errors import ValidationErrors
-from shares.model import PATH_COMPONENT_RE, Protocol, Share, ShareTable
-from shares.snapshots import GMT_FORMAT
+from opie.shares.base import ServerRunner, ShareKind, check_endpoint
+from opie.shares.errors import ValidationErrors
+from opie.shares.model import PATH_COMPONENT_RE, Protocol, Share, ShareTable
+from opie.shares.snapshots import GMT_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -150,5 +150,5 @@ class SmbKind(ShareKind):
         return render(table, self.settings)
 
     def runner(self, **options: Any) -> ServerRunner:
-        from shares.smbd import SmbdRunner
+        from opie.shares.smbd import SmbdRunner
         return SmbdRunner(self.settings, **options)

@@ -14,13 +14,13 @@ import logging
 import os
 from pathlib import Path
 
-from shares.base import ServerRunner
-from shares.errors import CallError
-from shares.files import write_atomic
-from shares.model import ShareTable
-from shares.process import (Child, Launcher, ServerProcess, cmdline, pid_alive, run, stop_pid,
+from opie.shares.base import ServerRunner
+from opie.shares.errors import CallError
+from opie.shares.files import write_atomic
+from opie.shares.model import ShareTable
+from opie.shares.process import (Child, Launcher, ServerProcess, cmdline, pid_alive, run, stop_pid,
                             stop_pidfile, tcp_open, wait_for)
-from shares.smb import STATE_SUBDIRS, SmbSettings, render
+from opie.shares.smb import STATE_SUBDIRS, SmbSettings, render
 
 log = logging.getLogger(__name__)
 

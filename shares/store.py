@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from shares.errors import CallError, ValidationErrors
-from shares.files import read_or_none, write_atomic
-from shares.model import ShareTable
+from opie.shares.errors import CallError, ValidationErrors
+from opie.shares.files import read_or_none, write_atomic
+from opie.shares.model import ShareTable
 
 log = logging.getLogger(__name__)
 

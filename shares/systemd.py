@@ -20,9 +20,9 @@ from typing import Any, Mapping, Sequence
 
 from dbus_next import Variant
 
-from shares import dbus_bus
-from shares.errors import CallError
-from shares.process import Launcher, wait_for
+from opie.shares import dbus_bus
+from opie.shares.errors import CallError
+from opie.shares.process import Launcher, wait_for
 
 log = logging.getLogger(__name__)
 

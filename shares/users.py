@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from shares.errors import CallError, ValidationErrors
-from shares.files import write_atomic
-from shares.model import ACCOUNT_NAME_RE
-from shares.process import run
+from opie.shares.errors import CallError, ValidationErrors
+from opie.shares.files import write_atomic
+from opie.shares.model import ACCOUNT_NAME_RE
+from opie.shares.process import run
 
 log = logging.getLogger(__name__)
 

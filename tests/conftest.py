@@ -15,7 +15,7 @@ from proc_support import start_isu, start_nbdkit, stop  # noqa: E402
 @pytest.fixture(scope="session")
 def cluster_tls(tmp_path_factory):
     """A cluster CA and a host certificate directory signed by it."""
-    from nbd import tls
+    from opie.nbd import tls
     ca = tmp_path_factory.mktemp("ca")
     tls.create_ca(ca)
     host = tmp_path_factory.mktemp("tls")
@@ -57,8 +57,8 @@ def head_lab(tmp_path_factory):
     """One lab for the head scenarios: 5 ISUs of 256 MiB, a head with vol0
     mounted. Scenarios that break something put it back (restart what they
     killed) before they end; the fixture checks the array is whole again."""
-    from head.apiclient import HeadAPI
-    from lab.runner import Lab
+    from opie.head.apiclient import HeadAPI
+    from opie.lab.runner import Lab
     import pathlib
     import shutil
     import tempfile
@@ -72,7 +72,7 @@ def head_lab(tmp_path_factory):
         yield lab, HeadAPI.locate(lab_dir=str(d))
     finally:
         lab.down()
-        from head.mount import cleanup_stale
+        from opie.head.mount import cleanup_stale
         cleanup_stale(str(d / "head" / "run"), str(d / "mnt"))
         lab.remove_user()
         if not any(str(d) in line for line in open("/proc/mounts")):

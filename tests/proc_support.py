@@ -104,7 +104,7 @@ class ISUProcess:
 def start_isu(state_dir: str, disks: list[str], *, tls_dir: str | None = None, port: int = 0,
               timeout: float = 20.0, extra: list[str] | None = None) -> ISUProcess:
     """Run `opie isu serve` and wait for its ready line."""
-    args = [sys.executable, "-m", "cli.main", "-v", "isu", "serve", "--listen", f"127.0.0.1:{port}",
+    args = [sys.executable, "-m", "opie.cli.main", "-v", "isu", "serve", "--listen", f"127.0.0.1:{port}",
             "--state-dir", state_dir]
     for d in disks:
         args += ["--disk", d]

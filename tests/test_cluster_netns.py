@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from lab.netns_lab import NetnsLab
+from opie.lab.netns_lab import NetnsLab
 
 SUBNET = "10.213.92.0/24"
 N_ISUS = 4
@@ -58,7 +58,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsLab]:
 
 def cli(lab: NetnsLab, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`opie ARGS` run in the head's namespace against its API."""
-    return lab.head_host.run([sys.executable, "-m", "cli.main", *args, "--head", lab.api_url,
+    return lab.head_host.run([sys.executable, "-m", "opie.cli.main", *args, "--head", lab.api_url,
                               "--token-file", str(lab.dir / "head" / "api-token")], timeout=timeout)
 
 
@@ -155,7 +155,7 @@ def test_console_over_a_pty_drives_the_real_agent(lab: NetnsLab, tmp_path: Path)
         assert host.addresses() == [] and info["address"] is None
 
         def console(*commands: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "-m", "cli.main", "isu", "console", str(admin_end), *commands],
+            return subprocess.run([sys.executable, "-m", "opie.cli.main", "isu", "console", str(admin_end), *commands],
                                   capture_output=True, text=True, timeout=30)
 
         out = console("status")
@@ -215,7 +215,7 @@ def test_head_boots_degraded_without_a_member_and_re_adds_it_when_it_returns(lab
     (shortened) discovery timeout, assembles degraded from the three live
     members, takes writes, and re-adds the fourth when it comes back, resyncing
     what it missed; then the data reads back even without another member."""
-    from head import config as head_config  # noqa: PLC0415
+    from opie.head import config as head_config  # noqa: PLC0415
     victim = lab.lab["isus"][-1]
     victim_index = len(lab.lab["isus"])
     assert not isus_by_uuid(lab)[victim["uuid"]]["alive"]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from isu import identity
-from isu.addressing import read_network
-from isu.console import LINE_MAX, ConsoleServer, open_console, run_admin_console
+from opie.isu import identity
+from opie.isu.addressing import read_network
+from opie.isu.console import LINE_MAX, ConsoleServer, open_console, run_admin_console
 
 
 class RunningConsole:

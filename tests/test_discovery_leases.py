@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from discovery.lease_pool import IntegrityError, LeasePool, LeaseRefused, load_leases, parse_pool
-from discovery.lease_proto import (MESSAGE_LEN, BadSignature, Kind, LeaseMessage, LeaseProtocolError,
+from opie.discovery.lease_pool import IntegrityError, LeasePool, LeaseRefused, load_leases, parse_pool
+from opie.discovery.lease_proto import (MESSAGE_LEN, BadSignature, Kind, LeaseMessage, LeaseProtocolError,
                                    MalformedMessage, NakReason, decode, encode)
-from discovery.lease_server import LeaseServer
+from opie.discovery.lease_server import LeaseServer
 
 TOKEN = b"cluster-token-for-tests"
 A = uuidlib.UUID("11111111-1111-4111-8111-111111111111")
@@ -204,7 +204,7 @@ def test_server_refuses_and_logs_hostile_input_without_touching_leases(
     path = tmp_path / "leases.json"
     before = path.read_bytes()
 
-    caplog.set_level(logging.WARNING, logger="discovery.lease_server")
+    caplog.set_level(logging.WARNING, logger="opie.discovery.lease_server")
     hostile = [
         encode(LeaseMessage(Kind.HELLO, 2, B, MAC_B), b"forged"),        # forged
         b"OPLS\x01" + bytes(10),                                          # malformed

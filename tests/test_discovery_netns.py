@@ -49,8 +49,8 @@ def emit(ev: str, **fields: Any) -> None:
 
 def isu_main(args: argparse.Namespace) -> None:
     """Stand-in ISU: lease an address, renew it, announce with heartbeat, obey stdin."""
-    from discovery.presence import IsuPresence
-    from isu.addressing import LeaseClient
+    from opie.discovery.presence import IsuPresence
+    from opie.isu.addressing import LeaseClient
 
     client = LeaseClient("eth0", bytes.fromhex(args.token), args.state_dir)
     uuid = client.uuid
@@ -83,10 +83,10 @@ def isu_main(args: argparse.Namespace) -> None:
 
 def head_main(args: argparse.Namespace) -> None:
     """Stand-in head: lease server with ARP probing plus the ISU registry; events on stdout."""
-    from discovery.arp import arp_probe
-    from discovery.lease_pool import LeasePool, parse_pool
-    from discovery.lease_server import LeaseServer
-    from discovery.registry import IsuRegistry, RegistryEvent
+    from opie.discovery.arp import arp_probe
+    from opie.discovery.lease_pool import LeasePool, parse_pool
+    from opie.discovery.lease_server import LeaseServer
+    from opie.discovery.registry import IsuRegistry, RegistryEvent
 
     def on_event(event: RegistryEvent) -> None:
         emit(event.kind, uuid=event.uuid, cls=event.isu_class.value, state=event.record.state,
@@ -104,9 +104,9 @@ def forger_main(args: argparse.Namespace) -> None:
     """Send hostile lease messages from an addressed host; print the NAKs that come back."""
     import select
 
-    from discovery.lease_proto import (LEASE_SERVER_PORT, Kind, LeaseMessage, LeaseProtocolError,
+    from opie.discovery.lease_proto import (LEASE_SERVER_PORT, Kind, LeaseMessage, LeaseProtocolError,
                                        decode, encode)
-    from discovery.netutil import broadcast_socket
+    from opie.discovery.netutil import broadcast_socket
 
     token = bytes.fromhex(args.token)
     dup = uuidlib.UUID(args.dup_uuid)
@@ -153,10 +153,10 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402  (not needed by the stand-in processes above)
 
-from discovery.lease_pool import load_leases, parse_pool  # noqa: E402
-from isu import identity  # noqa: E402
-from isu.addressing import read_network  # noqa: E402
-from lab.netns import LabHost, LabNetwork, lab_namespaces  # noqa: E402
+from opie.discovery.lease_pool import load_leases, parse_pool  # noqa: E402
+from opie.isu import identity  # noqa: E402
+from opie.isu.addressing import read_network  # noqa: E402
+from opie.lab.netns import LabHost, LabNetwork, lab_namespaces  # noqa: E402
 
 log = logging.getLogger(__name__)
 HERE = os.path.abspath(__file__)

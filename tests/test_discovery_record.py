@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from discovery import heartbeat
-from discovery.record import BadAnnouncement, IsuClass, IsuRecord, classify, from_txt
+from opie.discovery import heartbeat
+from opie.discovery.record import BadAnnouncement, IsuClass, IsuRecord, classify, from_txt
 
 U = "33333333-3333-4333-8333-333333333333"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from head import config as head_config
-from head.config import ConfigError, HeadConfig
+from opie.head import config as head_config
+from opie.head.config import ConfigError, HeadConfig
 
 UUID = "3f2a6c1e-8d7b-4c1a-9e0f-0123456789ab"
 

@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from head.members import MemberWatcher, connect_all
-from nbd import tls
-from raid5.assemble import assemble, create
+from opie.head.members import MemberWatcher, connect_all
+from opie.nbd import tls
+from opie.raid5.assemble import assemble, create
 
 CHUNK = 64 * 1024
 

@@ -14,7 +14,7 @@ from proc_support import start_isu, stop
 
 
 def opie(*args, timeout=30):
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "opie.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

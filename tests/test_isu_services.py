@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from discovery.browse import DiscoveryEvent, EventKind, IsuBrowser
-from isu import control
-from isu.agent import ISUAgent
-from isu.services import IsuServices, ServiceOptions
-from nbd.client import NBDClient
+from opie.discovery.browse import DiscoveryEvent, EventKind, IsuBrowser
+from opie.isu import control
+from opie.isu.agent import ISUAgent
+from opie.isu.services import IsuServices, ServiceOptions
+from opie.nbd.client import NBDClient
 from test_udev_loop import LOOP_CTL_ADD, LOOP_CTL_REMOVE, NAME, loop_ctl, loop_slot  # noqa: F401 (fixture)
 
 DISK_BYTES = 4 << 20

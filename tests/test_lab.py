@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from lab.runner import _alive
+from opie.lab.runner import _alive
 
 
 def opie(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "opie.cli.main", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_lab_up_down_restart_keeps_data(tmp_path):
@@ -62,7 +62,7 @@ def test_lab_up_down_restart_keeps_data(tmp_path):
 
 def test_lab_up_foreground_stops_on_ctrl_c(tmp_path):
     d = tmp_path / "lab"
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "lab", "up", "--dir", str(d), "--isus", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "opie.cli.main", "lab", "up", "--dir", str(d), "--isus", "2",
                              "--disk-size", "16M", "--no-head"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -84,7 +84,7 @@ def test_lab_up_foreground_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-            subprocess.run([sys.executable, "-m", "cli.main", "lab", "down", "--dir", str(d)], timeout=30)
+            subprocess.run([sys.executable, "-m", "opie.cli.main", "lab", "down", "--dir", str(d)], timeout=30)
 
 
 @pytest.mark.parametrize("args,msg", [(["--isus", "0"], "at least one ISU"), (["--disk-size", "lots"], "invalid size")])

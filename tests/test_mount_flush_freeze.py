@@ -25,8 +25,8 @@ import pytest
 from proc_support import stop
 from test_mount_lifecycle import assert_torn_down, blank_image, e2fsck_clean, rig, sha, write_files  # noqa: F401
 
-from head.fsfreeze import FreezeExpired
-from head.mount import State
+from opie.head.fsfreeze import FreezeExpired
+from opie.head.mount import State
 
 FLUSH_DONE = re.compile(r"\.\.\.Flush id=\d+ return=0")
 

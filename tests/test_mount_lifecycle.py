@@ -17,7 +17,7 @@ import time
 import pytest
 from proc_support import free_port, stop, wait_port
 
-from head.mount import (
+from opie.head.mount import (
     Mount,
     MountError,
     State,

@@ -15,9 +15,9 @@ import threading
 import pytest
 from test_mount_lifecycle import assert_torn_down, rig, sha, write_files  # noqa: F401
 
-from head.mount import State
-from head.volumes import MemoryDevice, Pool
-from nbd.server import NBDServer
+from opie.head.mount import State
+from opie.head.volumes import MemoryDevice, Pool
+from opie.nbd.server import NBDServer
 
 MIB = 1 << 20
 

@@ -12,8 +12,8 @@ import signal
 
 import pytest
 
-from nbd import tls
-from nbd.client import NBDClient, list_exports
+from opie.nbd import tls
+from opie.nbd.client import NBDClient, list_exports
 from proc_support import freeze, start_isu, stop
 
 MiB = 1 << 20

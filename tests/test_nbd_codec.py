@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbd import codec
-from nbd.codec import ExportInfo, ProtocolError
-from nbd.constants import (
+from opie.nbd import codec
+from opie.nbd.codec import ExportInfo, ProtocolError
+from opie.nbd.constants import (
     MAX_NAME_LENGTH,
     MAX_OPTION_LENGTH,
     ChunkType,

@@ -28,9 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbd import codec, tls
-from nbd.client import NBDClient
-from nbd.constants import (
+from opie.nbd import codec, tls
+from opie.nbd.client import NBDClient
+from opie.nbd.constants import (
     MAX_NAME_LENGTH,
     MAX_OPTION_LENGTH,
     MAX_PAYLOAD,
@@ -46,7 +46,7 @@ from nbd.constants import (
     ReplyFlag,
     TransmissionFlag,
 )
-from nbd.server import MAX_OPTION_DISCARD
+from opie.nbd.server import MAX_OPTION_DISCARD
 
 HOST = "127.0.0.1"
 IO_TIMEOUT = 5.0

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from nbd import tls
+from opie.nbd import tls
 from proc_support import random_file
 
 GiB = 1 << 30

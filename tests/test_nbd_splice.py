@@ -18,11 +18,11 @@ import time
 
 import pytest
 
-from nbd import codec, tls
-from nbd.client import NBDClient
-from nbd.constants import ClientFlag, Command, CommandFlag, Errno, Option
-from nbd.export import FileExport
-from nbd.server import NBDServer, TLSMode
+from opie.nbd import codec, tls
+from opie.nbd.client import NBDClient
+from opie.nbd.constants import ClientFlag, Command, CommandFlag, Errno, Option
+from opie.nbd.export import FileExport
+from opie.nbd.server import NBDServer, TLSMode
 from proc_support import random_file, stop
 
 MiB = 1 << 20

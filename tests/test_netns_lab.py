@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lab.netns import LabNetwork, lab_namespaces, new_prefix, remove_lab
+from opie.lab.netns import LabNetwork, lab_namespaces, new_prefix, remove_lab
 
 
 def test_hosts_reach_each_other_and_teardown_removes_everything() -> None:

@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from raid5.assemble import assemble, create
-from raid5.errors import ArrayFailed, AssemblyError
-from raid5.member import FileMember, Member, MemoryMember
-from raid5.testing import rig
+from opie.raid5.assemble import assemble, create
+from opie.raid5.errors import ArrayFailed, AssemblyError
+from opie.raid5.member import FileMember, Member, MemoryMember
+from opie.raid5.testing import rig
 
 CHUNK = 16384
 
@@ -173,7 +173,7 @@ def test_overlapping_writes_to_one_stripe_are_serialized():
         for pos in range(0, 24000, 997):
             covering = [i for i, (at, d) in enumerate(writes) if at <= pos < at + len(d)]
             assert got[pos] in covering
-        from raid5.scrub import scrub
+        from opie.raid5.scrub import scrub
         rep = await scrub(arr)
         assert (rep.mismatches, rep.repaired, rep.unrecoverable) == (0, 0, 0)
     run(go())
@@ -192,8 +192,8 @@ def test_usable_size_follows_smallest_member():
 
 
 def test_checksum_cache_is_bounded(monkeypatch):
-    import raid5.checksums
-    monkeypatch.setattr(raid5.checksums, "MAX_CACHED", 1)
+    import opie.raid5.checksums
+    monkeypatch.setattr(opie.raid5.checksums, "MAX_CACHED", 1)
 
     async def go():
         r = rig(4, stripes=600, chunk_size=CHUNK)
@@ -202,7 +202,7 @@ def test_checksum_cache_is_bounded(monkeypatch):
         assert arr.geom.csum_blocks == 3
         assert await arr.read(0, arr.size) == ref
         assert len(arr.csums[0]._blocks) == 1          # clean blocks were dropped and reloaded
-        from raid5.scrub import scrub
+        from opie.raid5.scrub import scrub
         rep = await scrub(arr)
         assert (rep.repaired, rep.mismatches, rep.unrecoverable) == (0, 0, 0)
     run(go())

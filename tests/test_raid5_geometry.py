@@ -2,7 +2,7 @@
 
 import pytest
 
-from raid5.geometry import BLOCK, CSUMS_PER_BLOCK, DATA_ALIGN, PPL_OFFSET, Geometry
+from opie.raid5.geometry import BLOCK, CSUMS_PER_BLOCK, DATA_ALIGN, PPL_OFFSET, Geometry
 
 # Role of data chunk i, per stripe, and the parity role: md left-symmetric, computed by hand.
 # n = 3:  stripe 0: D0 D1 P | stripe 1: D1 P D0 | stripe 2: P D0 D1

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from raid5.phases import TRANSITIONS, Phase, PhaseError, PhaseEvent, PhaseKind, PhaseState
+from opie.raid5.phases import TRANSITIONS, Phase, PhaseError, PhaseEvent, PhaseKind, PhaseState
 
 
 def test_walk_start_pause_resume_finish():

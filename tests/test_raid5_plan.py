@@ -2,8 +2,8 @@
 
 import pytest
 
-from raid5.geometry import Geometry
-from raid5.plan import Extent, WriteMode, plan_read, plan_write, run_layout
+from opie.raid5.geometry import Geometry
+from opie.raid5.plan import Extent, WriteMode, plan_read, plan_write, run_layout
 
 K = 4096
 G = Geometry(5, 16 * K, 10)          # 4 data chunks of 64 KiB; stripe 0: D0..D3 on roles 0..3, P on 4

@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from raid5.assemble import assemble, create
-from raid5.errors import AssemblyError
-from raid5.member import MemoryMember
-from raid5.recovery import re_add, replace
-from raid5.scrub import scrub
-from raid5.superblock import MemberState
-from raid5.testing import FaultyMember, PowerCut, rig
+from opie.raid5.assemble import assemble, create
+from opie.raid5.errors import AssemblyError
+from opie.raid5.member import MemoryMember
+from opie.raid5.recovery import re_add, replace
+from opie.raid5.scrub import scrub
+from opie.raid5.superblock import MemberState
+from opie.raid5.testing import FaultyMember, PowerCut, rig
 
 CHUNK = 8192
 PPL = 128 << 10

@@ -7,13 +7,13 @@ import random
 
 import pytest
 
-from raid5.assemble import assemble
-from raid5.member import MemoryMember
-from raid5.phases import PhaseKind, PhaseState
-from raid5.recovery import replace
-from raid5.scrub import scrub
-from raid5.superblock import MemberState, Superblock
-from raid5.testing import FaultyMember, PowerCut, rig
+from opie.raid5.assemble import assemble
+from opie.raid5.member import MemoryMember
+from opie.raid5.phases import PhaseKind, PhaseState
+from opie.raid5.recovery import replace
+from opie.raid5.scrub import scrub
+from opie.raid5.superblock import MemberState, Superblock
+from opie.raid5.testing import FaultyMember, PowerCut, rig
 
 CHUNK = 16384
 STRIPES = 40

@@ -6,12 +6,12 @@ import struct
 
 import pytest
 
-from raid5.bitmap import BitmapRecord
-from raid5.checksums import UNKNOWN, ChecksumBlock, block_tag, block_tags
-from raid5.errors import IntegrityError
-from raid5.geometry import BLOCK, CSUMS_PER_BLOCK
-from raid5.ppl import PPLRecord
-from raid5.superblock import MemberState, Superblock
+from opie.raid5.bitmap import BitmapRecord
+from opie.raid5.checksums import UNKNOWN, ChecksumBlock, block_tag, block_tags
+from opie.raid5.errors import IntegrityError
+from opie.raid5.geometry import BLOCK, CSUMS_PER_BLOCK
+from opie.raid5.ppl import PPLRecord
+from opie.raid5.superblock import MemberState, Superblock
 
 
 def superblock():

@@ -5,11 +5,11 @@ import asyncio
 
 import pytest
 
-from raid5.assemble import assemble
-from raid5.geometry import BLOCK
-from raid5.phases import PhaseKind, PhaseState
-from raid5.scrub import scrub
-from raid5.testing import PowerCut, rig
+from opie.raid5.assemble import assemble
+from opie.raid5.geometry import BLOCK
+from opie.raid5.phases import PhaseKind, PhaseState
+from opie.raid5.scrub import scrub
+from opie.raid5.testing import PowerCut, rig
 
 CHUNK = 16384
 STRIPES = 32

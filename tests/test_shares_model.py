@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import main as opie
-from shares import nfs, smb
-from shares.acl import entries, revocations
-from shares.clients import describe, how_to_connect
-from shares.errors import ValidationErrors
-from shares.model import Protocol, Share, ShareTable
-from shares.smbd import write_config
-from shares.store import load_table, save_table
+from opie.cli.main import main as opie
+from opie.shares import nfs, smb
+from opie.shares.acl import entries, revocations
+from opie.shares.clients import describe, how_to_connect
+from opie.shares.errors import ValidationErrors
+from opie.shares.model import Protocol, Share, ShareTable
+from opie.shares.smbd import write_config
+from opie.shares.store import load_table, save_table
 
 GOLDEN = Path(__file__).parent / "golden" / "shares"
 

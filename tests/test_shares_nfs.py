@@ -17,16 +17,16 @@ from typing import Iterator
 
 import pytest
 
-from shares.clients import nfs_cmd, nfs_url, scratch_volume, smbclient
-from shares.errors import ValidationErrors
-from shares.ganesha import GaneshaRunner
-from shares.model import Protocol, Share, ShareTable
-from shares.nfs import NfsSettings
-from shares.process import free_port, pid_alive
-from shares.service import ShareService
-from shares.smb import SmbSettings
-from shares.smbd import write_config
-from shares.users import UserManager
+from opie.shares.clients import nfs_cmd, nfs_url, scratch_volume, smbclient
+from opie.shares.errors import ValidationErrors
+from opie.shares.ganesha import GaneshaRunner
+from opie.shares.model import Protocol, Share, ShareTable
+from opie.shares.nfs import NfsSettings
+from opie.shares.process import free_port, pid_alive
+from opie.shares.service import ShareService
+from opie.shares.smb import SmbSettings
+from opie.shares.smbd import write_config
+from opie.shares.users import UserManager
 
 HOST = "127.0.0.1"
 

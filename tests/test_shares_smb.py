@@ -19,18 +19,18 @@ from typing import Iterator
 
 import pytest
 
-from cli.main import main as opie
-from shares.acl import read_acl
-from shares.clients import file_sha256 as sha256, scratch_volume, smbclient, smbclient_argv, \
+from opie.cli.main import main as opie
+from opie.shares.acl import read_acl
+from opie.shares.clients import file_sha256 as sha256, scratch_volume, smbclient, smbclient_argv, \
     write_random as random_file
-from shares.errors import ValidationErrors
-from shares.model import Protocol, Share, ShareTable
-from shares.process import free_port, pid_alive
-from shares.service import ShareService
-from shares.smb import SmbSettings
-from shares.smbd import rpc_helper_pids, write_config
-from shares.snapshots import snapshot_dir
-from shares.users import UserManager
+from opie.shares.errors import ValidationErrors
+from opie.shares.model import Protocol, Share, ShareTable
+from opie.shares.process import free_port, pid_alive
+from opie.shares.service import ShareService
+from opie.shares.smb import SmbSettings
+from opie.shares.smbd import rpc_helper_pids, write_config
+from opie.shares.snapshots import snapshot_dir
+from opie.shares.users import UserManager
 
 HOST = "127.0.0.1"
 

@@ -19,15 +19,15 @@ from dbus_next.aio import MessageBus
 from dbus_next.errors import DBusError
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method
 
-from shares.clients import nfs_cmd, nfs_url, scratch_volume, smbclient
-from shares.dbus_bus import PrivateBus
-from shares.ganesha import GaneshaRunner
-from shares.model import Protocol, Share, ShareTable
-from shares.nfs import NfsSettings
-from shares.process import free_port, pid_alive
-from shares.smb import SmbSettings
-from shares.smbd import SmbdRunner
-from shares.systemd import systemd_launcher
+from opie.shares.clients import nfs_cmd, nfs_url, scratch_volume, smbclient
+from opie.shares.dbus_bus import PrivateBus
+from opie.shares.ganesha import GaneshaRunner
+from opie.shares.model import Protocol, Share, ShareTable
+from opie.shares.nfs import NfsSettings
+from opie.shares.process import free_port, pid_alive
+from opie.shares.smb import SmbSettings
+from opie.shares.smbd import SmbdRunner
+from opie.shares.systemd import systemd_launcher
 
 HOST = "127.0.0.1"
 

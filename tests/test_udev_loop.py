@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from isu.udev import DiskEvent, DiskRoster, DiskWatcher, default_match
+from opie.isu.udev import DiskEvent, DiskRoster, DiskWatcher, default_match
 
 LOOP_CTL_ADD = 0x4C80
 LOOP_CTL_REMOVE = 0x4C81

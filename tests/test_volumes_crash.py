@@ -15,9 +15,9 @@ import random
 
 import pytest
 
-from head.volumes import CrashDevice, Pool
-from head.volumes.devices import SimulatedCrash
-from head.volumes.records import META_BLOCK
+from opie.head.volumes import CrashDevice, Pool
+from opie.head.volumes.devices import SimulatedCrash
+from opie.head.volumes.records import META_BLOCK
 
 SEG = 8192
 KIB = 1024

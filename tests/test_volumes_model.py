@@ -20,7 +20,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from head.volumes import CrashDevice, Pool
+from opie.head.volumes import CrashDevice, Pool
 
 SEG = 8192
 SIZES = {"v0": 64 * 1024, "v1": 45 * 1024 + 512}   # v1 ends inside a segment

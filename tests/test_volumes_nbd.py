@@ -7,9 +7,9 @@ import asyncio
 import json
 import random
 
-from head.volumes import MemoryDevice, Pool
-from nbd.export import Export
-from nbd.server import NBDServer
+from opie.head.volumes import MemoryDevice, Pool
+from opie.nbd.export import Export
+from opie.nbd.server import NBDServer
 
 MIB = 1 << 20
 

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from head.volumes import MemoryDevice, Pool, UnsupportedVersion
-from head.volumes.records import META_BLOCK
+from opie.head.volumes import MemoryDevice, Pool, UnsupportedVersion
+from opie.head.volumes.records import META_BLOCK
 
 MIB = 1 << 20
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from head.volumes import (CrashDevice, FileDevice, MemoryDevice, NotFoundError, Pool,
+from opie.head.volumes import (CrashDevice, FileDevice, MemoryDevice, NotFoundError, Pool,
                           ValidationError)
 
 SEG = 16 * 1024

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from head.volumes import IntegrityError, MemoryDevice, Pool, ValidationError
-from head.volumes.layout import Geometry
-from head.volumes.records import (KIND_CATALOG, KIND_SNAPSHOT, KIND_TABLE, META_BLOCK,
+from opie.head.volumes import IntegrityError, MemoryDevice, Pool, ValidationError
+from opie.head.volumes.layout import Geometry
+from opie.head.volumes.records import (KIND_CATALOG, KIND_SNAPSHOT, KIND_TABLE, META_BLOCK,
                                   CatalogRecord, JournalHeader, Superblock, page_from_bytes,
                                   page_to_bytes)
 

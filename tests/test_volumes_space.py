@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from head.volumes import MemoryDevice, Pool
+from opie.head.volumes import MemoryDevice, Pool
 
 SEG = 16 * 1024
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 
-from head.volumes.errors import IntegrityError, ValidationError
-from head.volumes.records import (CATALOG_PER_PAGE, CATALOG_RECORD, KIND_CATALOG, KIND_EMPTY,
+from opie.head.volumes.errors import IntegrityError, ValidationError
+from opie.head.volumes.records import (CATALOG_PER_PAGE, CATALOG_RECORD, KIND_CATALOG, KIND_EMPTY,
                                   CatalogRecord, page_from_bytes, page_to_bytes)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from head.volumes.errors import ValidationError
-from head.volumes.records import (CATALOG_PER_PAGE, META_BLOCK, TABLE_PER_PAGE, block_size,
+from opie.head.volumes.errors import ValidationError
+from opie.head.volumes.records import (CATALOG_PER_PAGE, META_BLOCK, TABLE_PER_PAGE, block_size,
                                   journal_header_blocks)
 
 MIN_SEGMENT = 4096

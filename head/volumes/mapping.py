@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from head.volumes.errors import IntegrityError
-from head.volumes.records import (BITMAP_BITS, ENTRY_DTYPE, FLAG_BACKED, FLAG_PARTIAL,
+from opie.head.volumes.errors import IntegrityError
+from opie.head.volumes.records import (BITMAP_BITS, ENTRY_DTYPE, FLAG_BACKED, FLAG_PARTIAL,
                                   KIND_TABLE, LIVE, TABLE_PER_PAGE, page_from_bytes,
                                   page_to_bytes)
 

@@ -20,10 +20,10 @@ import dataclasses
 import logging
 import uuid as uuidlib
 
-from head.volumes.devices import BlockDevice
-from head.volumes.errors import IntegrityError, UnsupportedVersion
-from head.volumes.layout import Geometry
-from head.volumes.records import (META_BLOCK, TABLE_PER_PAGE, JournalHeader, Superblock,
+from opie.head.volumes.devices import BlockDevice
+from opie.head.volumes.errors import IntegrityError, UnsupportedVersion
+from opie.head.volumes.layout import Geometry
+from opie.head.volumes.records import (META_BLOCK, TABLE_PER_PAGE, JournalHeader, Superblock,
                                   journal_header_blocks)
 
 log = logging.getLogger(__name__)

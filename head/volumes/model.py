@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from head.volumes.locking import SegmentLocks, WriteGate
+from opie.head.volumes.locking import SegmentLocks, WriteGate
 
 
 @dataclass

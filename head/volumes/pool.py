@@ -16,17 +16,17 @@ import time
 
 import numpy as np
 
-from head.volumes.allocator import SegmentAllocator
-from head.volumes.catalog import Catalog, validate_name
-from head.volumes.devices import BlockDevice
-from head.volumes.errors import IntegrityError, NotFoundError, ValidationError
-from head.volumes.layout import Geometry
-from head.volumes.mapping import Chain, SegmentTable
-from head.volumes.metastore import MetaStore
-from head.volumes.model import (CheckReport, PoolSpace, SnapshotInfo, SnapshotState, VolumeInfo,
+from opie.head.volumes.allocator import SegmentAllocator
+from opie.head.volumes.catalog import Catalog, validate_name
+from opie.head.volumes.devices import BlockDevice
+from opie.head.volumes.errors import IntegrityError, NotFoundError, ValidationError
+from opie.head.volumes.layout import Geometry
+from opie.head.volumes.mapping import Chain, SegmentTable
+from opie.head.volumes.metastore import MetaStore
+from opie.head.volumes.model import (CheckReport, PoolSpace, SnapshotInfo, SnapshotState, VolumeInfo,
                                 VolumeState)
-from head.volumes.records import KIND_SNAPSHOT, KIND_VOLUME, CatalogRecord
-from head.volumes.volume import SnapshotDevice, VolumeDevice, read_chain, write_locked
+from opie.head.volumes.records import KIND_SNAPSHOT, KIND_VOLUME, CatalogRecord
+from opie.head.volumes.volume import SnapshotDevice, VolumeDevice, read_chain, write_locked
 
 log = logging.getLogger(__name__)
 

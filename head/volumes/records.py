@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from head.volumes.errors import IntegrityError, UnsupportedVersion
+from opie.head.volumes.errors import IntegrityError, UnsupportedVersion
 
 META_BLOCK = 4096
 # 2: segment-table entries grew to 64 bytes with a validity bitmap

@@ -22,12 +22,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from head.volumes.devices import check_range
-from head.volumes.mapping import Chain, block_mask
-from head.volumes.model import SnapshotState, VolumeState
+from opie.head.volumes.devices import check_range
+from opie.head.volumes.mapping import Chain, block_mask
+from opie.head.volumes.model import SnapshotState, VolumeState
 
 if TYPE_CHECKING:
-    from head.volumes.pool import Pool
+    from opie.head.volumes.pool import Pool
 
 log = logging.getLogger(__name__)
 

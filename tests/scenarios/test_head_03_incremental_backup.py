@@ -18,7 +18,7 @@ from scenario_support import nbdcopy_out, sha256_of, write_file
 
 
 def opie(lab, *args):
-    res = subprocess.run([sys.executable, "-m", "cli.main", *args, "--lab", str(lab.dir)],
+    res = subprocess.run([sys.executable, "-m", "opie.cli.main", *args, "--lab", str(lab.dir)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     return res

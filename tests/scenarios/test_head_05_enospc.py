@@ -17,8 +17,8 @@ import hashlib
 
 import pytest
 
-from nbd import uri as nbd_uri
-from nbd.client import NBDClient
+from opie.nbd import uri as nbd_uri
+from opie.nbd.client import NBDClient
 
 CHUNK = 1 << 20
 

@@ -74,7 +74,7 @@ def test_shares_on_the_raid5_volume(head_lab, tmp_path):
         session.stdin.write("ls\n")
         session.stdin.flush()
         time.sleep(1)
-        add = subprocess.run([sys.executable, "-m", "cli.main", "share", "add", "s06ro", "--volume", "vol0",
+        add = subprocess.run([sys.executable, "-m", "opie.cli.main", "share", "add", "s06ro", "--volume", "vol0",
                               "--path", "s06ro", "--read-only", "--user", s["user"], "--lab", str(lab.dir)],
                              capture_output=True, text=True, timeout=60)
         assert add.returncode == 0, add.stderr
@@ -93,7 +93,7 @@ def test_shares_on_the_raid5_volume(head_lab, tmp_path):
     # bad input: refused, smb.conf unchanged
     conf = lab.dir / "head" / "shares" / "smb" / "smb.conf"
     before = conf.read_bytes()
-    res = subprocess.run([sys.executable, "-m", "cli.main", "share", "add", "bad]name", "--volume", "vol0",
+    res = subprocess.run([sys.executable, "-m", "opie.cli.main", "share", "add", "bad]name", "--volume", "vol0",
                           "--lab", str(lab.dir)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.startswith("opie: ")
     assert conf.read_bytes() == before

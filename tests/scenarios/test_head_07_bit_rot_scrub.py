@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from raid5.superblock import Superblock
+from opie.raid5.superblock import Superblock
 from scenario_support import write_file
 
 BLOCK = 4096
@@ -42,7 +42,7 @@ def test_bit_rot_found_and_repaired_by_scrub(head_lab):
         f.flush()
         os.fsync(f.fileno())
 
-    res = subprocess.run([sys.executable, "-m", "cli.main", "array", "scrub", "--json", "--lab", str(lab.dir)],
+    res = subprocess.run([sys.executable, "-m", "opie.cli.main", "array", "scrub", "--json", "--lab", str(lab.dir)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
-from head import config as head_config
-from head.backup import target_id
+from opie.head import config as head_config
+from opie.head.backup import target_id
 from scenario_support import state, wait_until, write_file
 
 

@@ -13,8 +13,8 @@ import os
 
 import pytest
 
-from raid5.assemble import assemble
-from raid5.testing import PowerCut, rig
+from opie.raid5.assemble import assemble
+from opie.raid5.testing import PowerCut, rig
 
 CHUNK = 16384
 

@@ -10,9 +10,9 @@ names its member, repairs it, and a second scrub finds nothing.
 import asyncio
 import random
 
-from raid5.geometry import BLOCK
-from raid5.scrub import scrub
-from raid5.testing import corrupt, rig
+from opie.raid5.geometry import BLOCK
+from opie.raid5.scrub import scrub
+from opie.raid5.testing import corrupt, rig
 
 CHUNK = 16384
 

@@ -11,12 +11,12 @@ Afterwards every byte reads back and scrub finds nothing.
 import asyncio
 import os
 
-from raid5.assemble import assemble
-from raid5.recovery import re_add
-from raid5.scrub import scrub
-from raid5.errors import AssemblyError
-from raid5.phases import PhaseKind, PhaseState
-from raid5.testing import rig
+from opie.raid5.assemble import assemble
+from opie.raid5.recovery import re_add
+from opie.raid5.scrub import scrub
+from opie.raid5.errors import AssemblyError
+from opie.raid5.phases import PhaseKind, PhaseState
+from opie.raid5.testing import rig
 
 CHUNK = 16384
 STRIPES = 64

@@ -13,11 +13,11 @@ import os
 
 import pytest
 
-from raid5.assemble import assemble
-from raid5.errors import AssemblyError
-from raid5.phases import PhaseKind
-from raid5.recovery import re_add
-from raid5.testing import rig
+from opie.raid5.assemble import assemble
+from opie.raid5.errors import AssemblyError
+from opie.raid5.phases import PhaseKind
+from opie.raid5.recovery import re_add
+from opie.raid5.testing import rig
 
 CHUNK = 16384
 
