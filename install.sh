@@ -38,7 +38,7 @@ assert spec and os.path.dirname(os.path.dirname(spec.origin)) == sys.argv[1]
 old = importlib.util.find_spec("nbd")  # a pre-namespace install of this checkout
 assert old is None or not (old.origin or "").startswith(sys.argv[1])
 for m in ("numpy", "cryptography", "yaml", "zeroconf", "pyroute2", "pyudev",
-          "serial", "flask", "dbus_next", "isal", "pytest", "pytest_timeout", "hypothesis"):
+          "serial", "flask", "dbus_next", "isal", "pytest", "pytest_timeout", "hypothesis", "wheel"):
     importlib.import_module(m)
 PY
 then
