@@ -27,7 +27,8 @@ def _run(args: argparse.Namespace) -> int:
     import asyncio
 
     from opie.head.config import ConfigError
-    from opie.head.daemon import HeadError, run
+    from opie.head.daemon import run
+    from opie.head.errors import HeadError
     try:
         return asyncio.run(run(args.state_dir))
     except ConfigError as exc:

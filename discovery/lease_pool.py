@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
-from opie.discovery.atomic import atomic_write
+from opie.fileio import atomic_write
 from opie.discovery.lease_proto import NakReason
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def save_leases(path: str, leases: Iterable[Lease]) -> None:
     """Atomically replace the leases file; durable on return."""
     records = [asdict(lease) for lease in sorted(leases, key=lambda x: x.address)]
     doc = {"magic": FILE_MAGIC, "version": FILE_VERSION, "leases": records, "crc32": _crc(records)}
-    atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+    atomic_write(path, json.dumps(doc, indent=1, sort_keys=True), mode=0o600)
 
 
 class LeasePool:

@@ -39,6 +39,10 @@ import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from opie.head.errors import HeadError
+from opie.head.exports import snapshot_export
+from opie.shares.errors import CallError, ValidationErrors
+
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 600.0
@@ -121,7 +125,6 @@ class APIServer:
 
     # ------------------------------------------------------------ routing
     def _call(self, coro):
-        from opie.head.daemon import HeadError  # noqa: PLC0415
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return fut.result(CALL_TIMEOUT)
@@ -151,7 +154,6 @@ class APIServer:
             self._call(head.delete_snapshot(p[1], p[2]))
             return 200, {"deleted": f"{p[1]}@{p[2]}"}
         if method == "POST" and len(p) == 4 and p[0] == "snapshots" and p[3] == "mount":
-            from opie.head.daemon import snapshot_export  # noqa: PLC0415
             export = snapshot_export(p[1], p[2])
             if export not in head.nbd.exports:
                 raise _Error(404, f"no snapshot {export}")
@@ -198,7 +200,6 @@ class APIServer:
 
 
     def _shares(self, method: str, p: list[str], body: dict):
-        from opie.shares.errors import CallError, ValidationErrors  # noqa: PLC0415
         files = self.head.files
         if files is None:
             raise _Error(409, "shares are not enabled on this head (head.json: shares.enabled)")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from opie.fileio import atomic_write, pwrite_all
 from opie.nbd import uri as nbd_uri
 
 log = logging.getLogger(__name__)
@@ -112,13 +113,7 @@ class Target:
         return Manifest.from_json(obj, str(self.manifest_path))
 
     def write_manifest(self, m: Manifest) -> None:
-        self.manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.manifest_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(m.to_json(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.manifest_path)
+        atomic_write(self.manifest_path, json.dumps(m.to_json()))
 
     async def open(self, size: int, create: bool) -> None:
         if self.nbd:
@@ -143,7 +138,7 @@ class Target:
     async def write(self, offset: int, data: bytes) -> None:
         if self.dev is not None:
             return await self.dev.write(offset, data)
-        os.pwrite(self.fd, data, offset)
+        pwrite_all(self.fd, data, offset)
 
     async def flush(self) -> None:
         if self.dev is not None:

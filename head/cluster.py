@@ -43,13 +43,14 @@ from typing import TYPE_CHECKING, Any
 
 from opie.discovery.record import IsuClass
 from opie.head import config as head_config
+from opie.head.errors import HeadError
 from opie.isu import control
+from opie.netaddr import parse_host_port
 
 if TYPE_CHECKING:
     from opie.discovery.lease_server import LeaseServer
     from opie.discovery.record import IsuRecord
     from opie.discovery.registry import IsuRegistry, RegistryEvent
-    from opie.head.daemon import Head
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,14 @@ WAIT_STEP = 0.2
 
 
 class Cluster:
-    def __init__(self, head: Head) -> None:
+    def __init__(self, head: Any) -> None:
+        """`head` is the daemon that composes this service (opie.head.daemon.Head);
+        the cluster uses its config, TLS contexts, array and API."""
         self.head = head
         self.cfg = head.cfg
-        api_host, _, api_port = self.cfg.api_listen.rpartition(":")
+        api_host, self.api_port = parse_host_port(self.cfg.api_listen, default_host="127.0.0.1",
+                                                  allow_port_zero=True)
         self.address = self.cfg.discover_address or api_host
-        self.api_port = int(api_port)
         self.registry: IsuRegistry | None = None
         self.lease_server: LeaseServer | None = None
         self._lock = threading.Lock()
@@ -167,7 +170,6 @@ class Cluster:
     # ------------------------------------------------------------ adoption
     async def adopt(self, uuid: str, role: str) -> dict[str, Any]:
         """Make a new ISU a member or spare of this cluster; durable on both sides on return."""
-        from opie.head.daemon import HeadError  # noqa: PLC0415
         if role not in ("member", "spare"):
             raise HeadError(f"role: expected member or spare, got {role!r}", 400)
         try:
@@ -216,7 +218,6 @@ class Cluster:
     # ------------------------------------------------------------ boot-time assembly
     async def member_uris(self) -> list[str]:
         """Wait (bounded) for the adopted members, then their NBD URIs from discovery."""
-        from opie.head.daemon import HeadError  # noqa: PLC0415
         cfg = self.cfg
         deadline = time.monotonic() + cfg.discover_timeout
         said = ""

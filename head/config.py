@@ -38,7 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from opie.fileio import atomic_write
 from opie.nbd import uri as nbd_uri
+from opie.netaddr import parse_host_port
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,11 @@ class HeadConfig:
         if len(self.members) < 2 and not (self.discover and not self.members):
             raise ConfigError(f"members: RAID5 needs at least 2, got {len(self.members)}")
         self._validate_discovery()
+        for key in ("nbd_listen", "api_listen"):
+            try:
+                parse_host_port(getattr(self, key), default_host="127.0.0.1", allow_port_zero=True)
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
         for m in self.members:
             try:
                 u = nbd_uri.parse(m)
@@ -200,10 +207,4 @@ def save(state_dir: str | os.PathLike, cfg: HeadConfig) -> None:
     cfg.validate()
     d = Path(state_dir)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / (FILENAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(cfg.to_json(), f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, d / FILENAME)
+    atomic_write(d / FILENAME, json.dumps(cfg.to_json(), indent=2) + "\n")

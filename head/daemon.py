@@ -29,6 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from opie.head import backup as head_backup
+from opie.head.api import APIServer
+from opie.head.cluster import Cluster
+from opie.head.errors import HeadError
+from opie.head.exports import SNAPSHOT_SEP, snapshot_export
+from opie.head.fileservice import FileService, FileServiceConfig
+from opie.head.mount import Mount, cleanup_stale, release_shared_root
 from opie.head import config as head_config
 from opie.head import fsfreeze
 from opie.head.config import HeadConfig
@@ -37,6 +43,7 @@ from opie.head.members import MemberWatcher, connect_all
 from opie.head.volumes import NotFoundError, Pool, ValidationError
 from opie.head.volumes import IntegrityError as PoolIntegrityError, UnsupportedVersion
 from opie.nbd import tls
+from opie.netaddr import parse_host_port
 from opie.nbd.server import NBDServer, TLSMode
 from opie.raid5 import assemble as raid5_assemble
 from opie.raid5 import scrub as raid5_scrub
@@ -45,20 +52,7 @@ from opie.raid5.superblock import Superblock
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_SEP = "@"
 TOKEN_FILE = "api-token"
-
-
-class HeadError(Exception):
-    """An operation the admin asked for cannot be done; nothing was changed."""
-
-    def __init__(self, message: str, status: int = 409):
-        super().__init__(message)
-        self.status = status
-
-
-def snapshot_export(volume: str, snapshot: str) -> str:
-    return f"{volume}{SNAPSHOT_SEP}{snapshot}"
 
 
 async def _probe(member) -> str:
@@ -108,7 +102,6 @@ class Head:
 
     async def start(self) -> None:
         cfg = self.cfg
-        from opie.head.mount import cleanup_stale  # noqa: PLC0415
         left = await asyncio.get_running_loop().run_in_executor(
             None, cleanup_stale, str(self.state_dir / "run"), cfg.mount_root)
         if left:
@@ -164,14 +157,12 @@ class Head:
         for spec in cfg.volumes:
             await self.mount(spec.name)
         if cfg.shares.get("enabled"):
-            from opie.head.fileservice import FileService, FileServiceConfig  # noqa: PLC0415
             try:
                 fs_cfg = FileServiceConfig.from_dict(cfg.shares)
             except (TypeError, ValueError) as exc:
                 raise HeadError(f"head config: {exc}") from None
             self.files = FileService(self, fs_cfg)
             await self.files.start()
-        from opie.head.api import APIServer  # noqa: PLC0415 (the API imports this module)
         if self.api is None:  # already up when members came from discovery
             self.api = APIServer(self, *_split(cfg.api_listen))
             self.api.start()
@@ -194,7 +185,6 @@ class Head:
                 await self.unmount(name)
             except HeadError as exc:
                 log.error("%s", exc)
-        from opie.head.mount import release_shared_root  # noqa: PLC0415
         for root in (str(self.state_dir / "run"), self.cfg.mount_root):
             await asyncio.get_running_loop().run_in_executor(None, release_shared_root, root)
         if self.watcher:
@@ -217,12 +207,10 @@ class Head:
         by discovery (kept in memory only: the next boot discovers them again)."""
         if not self.cfg.discover:
             return
-        from opie.head.cluster import Cluster  # noqa: PLC0415
         loop = asyncio.get_running_loop()
         self.cluster = Cluster(self)
         await loop.run_in_executor(None, self.cluster.start)
         if not self.cfg.members:
-            from opie.head.api import APIServer  # noqa: PLC0415
             self.api = APIServer(self, *_split(self.cfg.api_listen))
             self.api.start()
             self.cfg.members = await self.cluster.member_uris()
@@ -241,7 +229,6 @@ class Head:
 
     # ------------------------------------------------------------ mounts
     async def mount(self, export: str, mountpoint: str | None = None, read_only: bool = False) -> dict:
-        from opie.head.mount import Mount  # noqa: PLC0415
         if export in self.mounts:
             return self.mounts[export].status()
         m = Mount(f"nbd+unix:///{export}?socket={self.nbd_socket}", mountpoint or self.cfg.mountpoint(export),
@@ -421,8 +408,7 @@ def _snap_json(info) -> dict:
 
 
 def _split(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host or "127.0.0.1", int(port)
+    return parse_host_port(addr, default_host="127.0.0.1", allow_port_zero=True)
 
 
 async def run(state_dir: str) -> int:

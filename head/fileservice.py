@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opie.head.exports import snapshot_export
+from opie.shares import clients as share_clients
 from opie.shares import snapshots as share_snapshots
 from opie.shares.errors import CallError, ValidationErrors
 from opie.shares.model import Protocol, Share, ShareTable
@@ -170,7 +172,6 @@ class FileService:
     async def snapshot_added(self, volume: str, name: str, created: float) -> None:
         """Mount the snapshot read-only where shadow_copy2 looks, if a share of
         the volume shows previous versions."""
-        from opie.head.daemon import snapshot_export  # noqa: PLC0415
         export = snapshot_export(volume, name)
         if volume not in self.head.mounts or export in self.snapshot_mounts or not self._wants_versions(volume):
             return
@@ -211,8 +212,7 @@ class FileService:
 
 
 def lab_clients(table: ShareTable, host: str, cfg: FileServiceConfig, user: str, password: str) -> list[dict]:
-    from opie.shares import clients  # noqa: PLC0415
-    return clients.describe(table, host, cfg.smb_port, cfg.nfs_port, user, password)
+    return share_clients.describe(table, host, cfg.smb_port, cfg.nfs_port, user, password)
 
 
 __all__ = ["CallError", "FileService", "FileServiceConfig", "ValidationErrors", "lab_clients"]

@@ -29,6 +29,7 @@ from opie.discovery.lease_proto import (LEASE_CLIENT_PORT, LEASE_SERVER_PORT, Ki
                                    LeaseProtocolError, NakReason, decode, encode)
 from opie.discovery.netutil import broadcast_socket
 from opie.isu import identity
+from opie.netaddr import parse_host_port
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,9 @@ def parse_address(text: str) -> ipaddress.IPv4Interface:
 
 def parse_head(text: str) -> tuple[str, int]:
     """'A.B.C.D:PORT' -> (address, port); raises ConfigError."""
-    host, sep, port_s = text.rpartition(":")
     try:
-        if not sep or not port_s.isdigit():
-            raise ValueError("no port")
+        host, port = parse_host_port(text)
         address = ipaddress.IPv4Address(host)
-        port = int(port_s)
-        if not 1 <= port <= 65535:
-            raise ValueError("port out of range")
     except ValueError as exc:
         raise ConfigError(f"expected a head like 10.0.0.1:8080, got {text!r} ({exc})") from None
     return str(address), port

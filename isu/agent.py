@@ -24,6 +24,7 @@ from opie.isu import identity
 from opie.isu.disks import Disk, DiskError, DiskSpec
 from opie.nbd import tls
 from opie.nbd.server import NBDServer, TLSMode
+from opie.netaddr import parse_host_port
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,10 @@ DEFAULT_STATE_DIR = "/var/lib/opie/isu"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"invalid listen address {text!r}, expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        return parse_host_port(text, default_host="0.0.0.0", allow_port_zero=True)
+    except ValueError as exc:
+        raise ValueError(f"invalid listen address: {exc}") from None
 
 
 def default_workers() -> int:

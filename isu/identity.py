@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from opie.fileio import atomic_write
+
 log = logging.getLogger(__name__)
 
 MAGIC = "opie-isu"
@@ -29,18 +31,7 @@ class IdentityError(Exception):
 
 
 def _write_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def load(state_dir: str | os.PathLike) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from opie.fileio import atomic_write
 from opie.head.apiclient import APIError
 from opie.nbd import tls
 from opie.shares.process import pid_alive
@@ -77,9 +78,7 @@ def lab_pids(lab: dict[str, Any]) -> list[int]:
 
 
 def _write_lab(directory: Path, lab: dict[str, Any]) -> None:
-    tmp = directory / (LAB_JSON + ".tmp")
-    tmp.write_text(json.dumps(lab, indent=2) + "\n")
-    os.replace(tmp, directory / LAB_JSON)
+    atomic_write(directory / LAB_JSON, json.dumps(lab, indent=2) + "\n")
 
 
 def _wait_ready(proc: subprocess.Popen, out_path: Path, log_path: Path, timeout: float) -> dict[str, Any]:

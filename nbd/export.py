@@ -24,6 +24,8 @@ from typing import Protocol, runtime_checkable
 
 import asyncio
 
+from opie.fileio import pwrite_all
+
 log = logging.getLogger(__name__)
 
 
@@ -138,11 +140,7 @@ class FileExport:
         return data
 
     def _pwrite(self, offset: int, data: bytes, fua: bool) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
+        pwrite_all(self.fd, data, offset)
         if fua:
             os.fdatasync(self.fd)
 

@@ -43,6 +43,8 @@ import select
 import socket
 import threading
 
+from opie.fileio import pwrite_all
+
 log = logging.getLogger(__name__)
 
 SPLICE_MIN = 64 * 1024  # payload bytes still in the socket worth a hand-off to the splicer
@@ -219,12 +221,8 @@ class PayloadSplicer:
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> OSError | None:
-    view = memoryview(data)
     try:
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
-            offset += n
+        pwrite_all(fd, data, offset)
     except OSError as exc:
         return exc
     return None

@@ -14,6 +14,8 @@ import os
 import random
 from typing import Protocol, runtime_checkable
 
+from opie.fileio import pwrite_all
+
 log = logging.getLogger(__name__)
 
 
@@ -104,11 +106,7 @@ class FileMember:
         return data
 
     def _write_sync(self, offset: int, data: bytes, fua: bool) -> None:
-        view = memoryview(data)
-        while view:
-            done = os.pwrite(self._fd, view, offset)
-            view = view[done:]
-            offset += done
+        pwrite_all(self._fd, data, offset)
         if fua:
             os.fdatasync(self._fd)
 

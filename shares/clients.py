@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from opie.netaddr import parse_host_port
 from opie.shares.model import ShareTable
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,8 @@ def how_to_connect(entry: Mapping[str, Any]) -> str:
     """One line an admin can paste to reach a share described by `describe`."""
     url = str(entry["url"])
     host_port, _, name = url.split("://", 1)[1].partition("/")
-    host, _, port = host_port.rpartition(":")
+    host, port = parse_host_port(host_port)
     if entry["protocol"] == "smb":
-        return " ".join(smbclient_argv(host, int(port), name, entry.get("user"),
+        return " ".join(smbclient_argv(host, port, name, entry.get("user"),
                                        entry.get("password")))
-    return f"nfs-ls '{nfs_url(host, int(port), '/' + name, 4)}'"
+    return f"nfs-ls '{nfs_url(host, port, '/' + name, 4)}'"

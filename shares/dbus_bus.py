@@ -19,7 +19,7 @@ from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
 from opie.shares.errors import CallError
-from opie.shares.files import write_atomic
+from opie.fileio import atomic_write
 from opie.shares.process import Child, wait_for
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class PrivateBus:
     def start(self) -> None:
         """Start the daemon; returns once its socket accepts connections."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.state_dir / "bus.conf", BUS_CONFIG.format(socket=self.socket))
+        atomic_write(self.state_dir / "bus.conf", BUS_CONFIG.format(socket=self.socket))
         self.socket.unlink(missing_ok=True)
         self.child.start()
         wait_for(self._accepting, 10, "dbus-daemon", alive=lambda: self.child.alive)

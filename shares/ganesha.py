@@ -20,7 +20,7 @@ from pathlib import Path
 from opie.shares import dbus_bus
 from opie.shares.base import ServerRunner
 from opie.shares.errors import CallError
-from opie.shares.files import write_atomic
+from opie.fileio import atomic_write
 from opie.shares.model import ShareTable
 from opie.shares.nfs import NfsSettings, render, render_export
 from opie.shares.process import Child, Launcher, ServerProcess, wait_for
@@ -103,7 +103,7 @@ class GaneshaRunner(ServerRunner):
         if self.running:
             raise CallError(f"ganesha: already running as pid {self.pid}", errno.EEXIST)
         (self.state / "recovery").mkdir(parents=True, exist_ok=True)
-        write_atomic(self.settings.conf_path, render(table, self.settings))
+        atomic_write(self.settings.conf_path, render(table, self.settings))
         try:
             if self.bus is not None:
                 self.bus.start()
@@ -138,7 +138,7 @@ class GaneshaRunner(ServerRunner):
         if not self.running:
             raise CallError("ganesha: not running", errno.ESRCH)
         conf = self.settings.conf_path
-        write_atomic(conf, render(table, self.settings))
+        atomic_write(conf, render(table, self.settings))
         wanted = self._render_exports(table)
         gone = [i for i in self.exports if i not in wanted]
         changed = [i for i in wanted if i in self.exports and self.exports[i] != wanted[i]]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from opie.shares.base import ServerRunner
 from opie.shares.errors import CallError
-from opie.shares.files import write_atomic
+from opie.fileio import atomic_write
 from opie.shares.model import ShareTable
 from opie.shares.process import (Child, Launcher, ServerProcess, cmdline, pid_alive, run, stop_pid,
                             stop_pidfile, tcp_open, wait_for)
@@ -30,7 +30,7 @@ def write_config(settings: SmbSettings, table: ShareTable) -> Path:
     for sub in STATE_SUBDIRS:
         Path(settings.state_dir, sub).mkdir(parents=True, exist_ok=True)
     os.chmod(Path(settings.state_dir, "private"), 0o700)
-    write_atomic(settings.conf_path, render(table, settings))
+    atomic_write(settings.conf_path, render(table, settings))
     return settings.conf_path
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from opie.shares.errors import CallError, ValidationErrors
-from opie.shares.files import read_or_none, write_atomic
+from opie.fileio import atomic_write
+from opie.shares.files import read_or_none
 from opie.shares.model import ShareTable
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def save_table(path: Path, table: ShareTable) -> None:
     text = yaml.safe_dump(data, sort_keys=False) if _is_yaml(path) else \
         json.dumps(data, indent=2) + "\n"
     try:
-        write_atomic(path, text)
+        atomic_write(path, text)
     except OSError as exc:
         raise CallError(f"cannot write {path}: {exc}", exc.errno or errno.EIO) from exc
     log.info("shares config %s: %d shares", path, len(table.shares))

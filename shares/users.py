@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from opie.shares.errors import CallError, ValidationErrors
-from opie.shares.files import write_atomic
+from opie.fileio import atomic_write
 from opie.shares.model import ACCOUNT_NAME_RE
 from opie.shares.process import run
 
@@ -79,7 +79,7 @@ class UserManager:
             before = json.dumps(users, sort_keys=True)
             yield users
             if json.dumps(users, sort_keys=True) != before:
-                write_atomic(self.store_path,
+                atomic_write(self.store_path,
                              json.dumps({"version": 1, "users": users}, indent=2, sort_keys=True),
                              mode=0o600)
 

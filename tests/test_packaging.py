@@ -76,8 +76,11 @@ def test_console_script_works():
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    src = out / "src"  # a copy, so the build leaves nothing (build/, egg-info) in the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
+                                                             ".hypothesis", ".pytest_cache", "lab-*"))
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                          "--disable-pip-version-check", "-q", "-w", str(out), str(ROOT)],
+                          "--disable-pip-version-check", "-q", "-w", str(out), str(src)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     (whl,) = out.glob("opie-*.whl")

@@ -15,6 +15,8 @@ import os
 import random
 from typing import Protocol, runtime_checkable
 
+from opie.fileio import pwrite_all
+
 
 @runtime_checkable
 class BlockDevice(Protocol):
@@ -70,10 +72,7 @@ class FileDevice:
         await asyncio.to_thread(self._pwrite, offset, data, fua)
 
     def _pwrite(self, offset: int, data: bytes, fua: bool) -> None:
-        view = memoryview(data)
-        while view:
-            done = os.pwrite(self._fd, view, offset)
-            view, offset = view[done:], offset + done
+        pwrite_all(self._fd, data, offset)
         if fua:
             os.fdatasync(self._fd)
 
