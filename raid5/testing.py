@@ -1,4 +1,5 @@
-"""Fault injection for tests and benchmarks: counting, failing, power cuts.
+"""Fault injection for tests and benchmarks: counting, failing, power cuts,
+and flushes the test paces (`PacedMember`) to force one interleaving.
 
 `PowerCut` models the head losing power: once a shared `Cut` has let its
 budget of writes through, the next write is torn (a block-aligned prefix
@@ -9,6 +10,7 @@ The test then throws the Array object away, calls `power_loss()` on volatile
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
@@ -90,6 +92,54 @@ class FaultyMember:
 
     def reset_count(self) -> None:
         self.count = IOCount()
+
+
+class HeldFlush:
+    """One flush held by a `PacedMember`. The test sets `effect` to let it reach
+    the disk (what was written before then becomes stable), then `reply` to
+    let the caller see it complete; until `effect`, nothing is flushed."""
+
+    def __init__(self) -> None:
+        self.effect = asyncio.Event()
+        self.reply = asyncio.Event()
+
+    def release(self) -> None:
+        self.effect.set()
+        self.reply.set()
+
+
+class PacedMember:
+    """Wraps a member; while `hold` is true every flush() is put on `flushes`
+    as a `HeldFlush` and waits for the test (see there). Models a member whose
+    flush reaches the disk at one moment and whose answer arrives later, so a
+    test can order flushes and writes exactly as a network might."""
+
+    def __init__(self, inner: Member) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.size = inner.size
+        self.hold = False
+        self.flushes: asyncio.Queue[HeldFlush] = asyncio.Queue()
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.inner.read(offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        await self.inner.write(offset, data, fua)
+
+    async def flush(self) -> None:
+        if not self.hold:
+            await self.inner.flush()
+            return
+        call = HeldFlush()
+        self.flushes.put_nowait(call)
+        await call.effect.wait()
+        await self.inner.flush()
+        await call.reply.wait()
+
+    async def next_flush(self, timeout: float = 5.0) -> HeldFlush:
+        """The next flush the array sent to this member (bounded wait)."""
+        return await asyncio.wait_for(self.flushes.get(), timeout)
 
 
 def corrupt(member: MemoryMember, offset: int, length: int, rng: random.Random) -> None:
