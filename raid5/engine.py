@@ -111,7 +111,8 @@ class Array:
         self._dirty = set(dirty_regions)
         self._durable = set(dirty_regions)
         self._inflight: Counter = Counter()
-        self._unflushed: set[int] = set()
+        self._flush_gen = 0                   # flushes begun so far: the generation of the next is +1
+        self._written_gen: dict[int, int] = {}   # region -> _flush_gen when its last write ended
         self._flush_epoch = [0] * geom.members         # flushes started, per role
         self._durable_epoch = [0] * geom.members       # writes completed before this epoch are durable
         self._unflushed_chunks: dict[tuple[int, int], int] = {}   # (stripe, role) -> epoch written
@@ -250,13 +251,19 @@ class Array:
                 self._inflight[r] -= 1
                 if not self._inflight[r]:
                     del self._inflight[r]
-                self._unflushed.add(r)
+                self._written_gen[r] = self._flush_gen
 
     async def flush(self) -> None:
-        """Every write acknowledged before this call is durable when it returns."""
+        """Every write acknowledged before this call is durable when it returns.
+
+        Flushes may overlap. Each has a generation; it clears the bit of a
+        region only if every write to it ended before the flush began, i.e.
+        before it sent its member flushes: a bit is cleared only once the
+        writes it guards are durable."""
         if self.failed:
             raise self.failed
-        self._unflushed = set()
+        self._flush_gen += 1
+        generation = self._flush_gen
         retired = min(self._live_seqs) - 1 if self._live_seqs else self._seq
         live = self.live_roles()
         lost = await asyncio.gather(*(self._write_back(r) for r in live))
@@ -264,7 +271,8 @@ class Array:
         if self.failed:
             raise self.failed
         self._retired = max(self._retired, retired)
-        await self._clear_clean_regions()
+        self._written_gen = {r: g for r, g in self._written_gen.items() if g >= generation}
+        await self._clear_clean_regions(generation)
         if self._retired > self.retired_durable:
             # log records of updates this flush made durable must never be replayed
             await self.mark_dirty(set(), force=True)
@@ -524,12 +532,14 @@ class Array:
         """Bits record what an absent or resyncing member missed: keep them then."""
         return all(s.state in (MemberState.IN_SYNC, MemberState.REBUILDING) for s in self.slots)
 
-    async def _clear_clean_regions(self) -> None:
+    async def _clear_clean_regions(self, generation: int) -> None:
+        """After flush `generation` returned from the members: clear the bits of
+        regions with no write in flight and none ended since that flush began."""
         if not self.can_clear_bits():
             return
         async with self._bm_lock:
             clear = {r for r in self._dirty
-                     if not self._inflight[r] and r not in self._unflushed
+                     if not self._inflight[r] and self._written_gen.get(r, 0) < generation
                      and r not in self.pending_resync}
             if clear:
                 self._dirty -= clear
