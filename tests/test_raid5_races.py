@@ -79,3 +79,36 @@ def test_flush_keeps_the_bit_of_a_write_that_completed_after_it_sent_its_flushes
         assert await again.read(lo, CHUNK) == ref[lo:lo + CHUNK]
         assert bit_kept
     run(go())
+
+
+def test_a_cancelled_stripe_update_is_finished_before_its_log_record_retires():
+    """2.2: a write to stripe 0 has logged its partial parity and written its
+    data chunk; its parity write is still on the way when the write is
+    cancelled (a closing NBD session does that). The head then flushes, as
+    before it marks the array clean, and the power fails. With the other data
+    member of stripe 0 lost, that member's chunk, durable long before, must
+    read back unchanged, and the written block must hold old or new bytes."""
+    async def go():
+        mems, paced, arr, ref = await paced_array()
+        g = arr.geom
+        d, o, p = g.data_role(0, 0), g.data_role(0, 1), g.parity_role(0)
+        base = g.chunk_offset(0)
+        paced[p].hold_write = lambda offset, length: base <= offset < base + CHUNK
+        new = os.urandom(BLOCK)
+        at = chunk_at(arr, 0, 0)
+        write = asyncio.create_task(arr.write(at, new))
+        parity = await paced[p].next_write()
+        assert await mems[d].read(base, BLOCK) == new      # data written, parity held
+        write.cancel()
+        parity.release()
+        done, _ = await asyncio.wait([write], timeout=WAIT)
+        assert done and write.cancelled()
+        paced[p].hold_write = None
+        await asyncio.wait_for(arr.flush(), WAIT)
+        for m in mems:
+            m.power_loss(keep=0.0)
+        again = await asyncio.wait_for(assemble([paced[d], paced[p]]), WAIT)   # o is lost
+        lo = chunk_at(again, 0, 1)
+        assert await again.read(lo, CHUNK) == ref[lo:lo + CHUNK]
+        assert await again.read(at, BLOCK) in (new, ref[at:at + BLOCK])
+    run(go())
