@@ -28,6 +28,7 @@ from .member import Member
 from .phases import Phase, PhaseKind
 from .ppl import PPLRecord
 from .ring import PPLRing
+from .shield import run_to_end
 from .superblock import MemberState, Superblock
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,9 @@ class Array:
         return out  # a bytearray: bytes-like, and one copy fewer
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        """Durable on return when `fua`; otherwise once a later flush returns."""
+        """Durable on return when `fua`; otherwise once a later flush returns.
+        If cancelled, stripes not yet begun keep their old bytes and a stripe
+        update already begun is finished before the cancellation is raised."""
         self._check_range(offset, len(data))
         if self.failed:
             raise self.failed
@@ -223,7 +226,7 @@ class Array:
                 if self.failed:
                     raise self.failed
                 pieces = {index: (lo, view[pos:pos + hi - lo]) for index, lo, hi, pos in items}
-                await stripe_ops.write_chunks(self, s, pieces, fua)
+                await run_to_end(stripe_ops.write_chunks(self, s, pieces, fua))
 
             async def stripe(s: int, items: list[tuple[int, int, int, int]]) -> None:
                 async with self._hold(s, 1):
@@ -237,7 +240,8 @@ class Array:
                             self.has_live_record(s) for s in range(first, first + count)):
                         size = count * self.geom.stripe_data_size
                         try:
-                            await stripe_ops.write_full_stripes(self, first, view[pos:pos + size], fua)
+                            await run_to_end(stripe_ops.write_full_stripes(
+                                self, first, view[pos:pos + size], fua))
                             return
                         except MemberLost:
                             pass
