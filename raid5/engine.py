@@ -15,7 +15,6 @@ import contextlib
 import errno
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from . import stripe as stripe_ops
@@ -29,6 +28,7 @@ from .phases import Phase, PhaseKind
 from .ppl import PPLRecord
 from .ring import PPLRing
 from .shield import run_to_end
+from .stats import ArrayStats
 from .superblock import MemberState, Superblock
 
 log = logging.getLogger(__name__)
@@ -70,19 +70,9 @@ class Slot:
         await self.member.write(offset, data, fua)
 
 
-@dataclass
-class ArrayStats:
-    """Counters for humans: self-heal repairs by member name, unrecoverable blocks."""
-
-    repaired: Counter = field(default_factory=Counter)
-    unrecoverable: int = 0
-
-    def note_repair(self, member: str) -> None:
-        self.repaired[member] += 1
-
-
 class Array:
-    """Use `raid5.assemble.create` or `raid5.assemble.assemble` to get one."""
+    """Use `raid5.assemble.create` or `raid5.assemble.assemble` to get one.
+    It is the `StripeArray` the stripe executor works for."""
 
     def __init__(self, geom: Geometry, uuid: bytes, slots: list[Slot], *, region_stripes: int,
                  events: int, dirty_regions: set[int], journal: bool = True,
@@ -393,15 +383,26 @@ class Array:
             await self.fail(role, exc)
             raise MemberLost(role) from exc
 
+    async def write_member(self, role: int, offset: int, data: bytes, fua: bool) -> None:
+        """Write to `role`'s member with no failure handling (callers `settle`)."""
+        await self.slots[role].write(offset, data, fua)
+
+    def ppl_generation(self, role: int) -> int:
+        return self.slots[role].ppl_generation
+
     async def ppl_append(self, role: int, record: PPLRecord, payload: bytes) -> int:
+        """Append `record` (FUA) to `role`'s ring; from then on it is the newest
+        record of its stripe. Returns its ticket."""
         ring = self.slots[role].ring
         if ring is None:
             raise MemberLost(role)
         try:
-            return await ring.append(record, payload)
+            ticket = await ring.append(record, payload)
         except OSError as exc:
             await self.fail(role, exc)
             raise MemberLost(role) from exc
+        self.logged[record.stripe] = record.seq
+        return ticket
 
     def has_live_record(self, stripe: int) -> bool:
         """Could a crash now replay a log record of `stripe`? Then a full-stripe
