@@ -6,9 +6,12 @@ the power, loses a member and reads back what was durable before."""
 import asyncio
 import os
 
+import pytest
+
 from opie.raid5.assemble import assemble, create
 from opie.raid5.geometry import BLOCK
 from opie.raid5.member import MemoryMember
+from opie.raid5.shield import run_to_end
 from opie.raid5.testing import PacedMember
 
 CHUNK = 16384
@@ -111,4 +114,32 @@ def test_a_cancelled_stripe_update_is_finished_before_its_log_record_retires():
         lo = chunk_at(again, 0, 1)
         assert await again.read(lo, CHUNK) == ref[lo:lo + CHUNK]
         assert await again.read(at, BLOCK) in (new, ref[at:at + BLOCK])
+    run(go())
+
+
+def test_run_to_end_finishes_the_update_then_raises_the_cancellation():
+    """The contract 2.2's fix rests on: a cancelled caller waits for its update
+    and is cancelled after it; uncancelled, the update's own error surfaces."""
+    async def go():
+        begun, gate, steps = asyncio.Event(), asyncio.Event(), []
+
+        async def update():
+            steps.append("begun")
+            begun.set()
+            await gate.wait()
+            steps.append("ended")
+
+        caller = asyncio.create_task(run_to_end(update()))
+        await asyncio.wait_for(begun.wait(), WAIT)
+        caller.cancel()
+        await asyncio.sleep(0)                         # one loop step: the cancel is delivered
+        assert not caller.done()                       # ... and the caller still waits
+        gate.set()
+        done, _ = await asyncio.wait([caller], timeout=WAIT)
+        assert done and caller.cancelled() and steps == ["begun", "ended"]
+
+        async def broken():
+            raise OSError(5, "member gone")
+        with pytest.raises(OSError):
+            await run_to_end(broken())
     run(go())
