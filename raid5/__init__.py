@@ -13,8 +13,10 @@ Public entry points:
   `FileMember` are provided; `nbd.client.NBDClient` fits without an import.
 
 Module map: geometry (layout), plan (stripe plans as data), stripe (the
-executor), engine (the array, bitmap, member state), superblock / bitmap /
-ppl / checksums (on-disk records), ring (the log ring), recovery (crash
-resync, rebuild, re-add), scrub, phases (state machines), locks, parity,
-member, errors, testing (fault injection for tests and benchmarks).
+executor) and stripe_array (what it needs of the array), engine (the array,
+bitmap, member state), shield (stripe updates run to their end), superblock /
+bitmap / ppl / checksums (on-disk records), ring (the log ring), recovery
+(crash resync, rebuild, re-add), scrub, phases (state machines), locks,
+parity, stats, member, errors, testing (fault injection for tests and
+benchmarks).
 """

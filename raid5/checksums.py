@@ -117,14 +117,16 @@ class ChecksumTable:
                 entries = np.zeros(CSUMS_PER_BLOCK, dtype=np.uint32)
                 self._dirty.add(index)
             self._blocks[index] = entries
-            self._evict()
+            self._evict(keep=index)
         return entries
 
-    def _evict(self) -> None:
-        """Keep at most MAX_CACHED blocks: drop the oldest clean ones."""
+    def _evict(self, keep: int | None = None) -> None:
+        """Keep at most MAX_CACHED blocks: drop the oldest clean ones, never
+        `keep` (the block just loaded, which its caller is about to use)."""
         if len(self._blocks) <= MAX_CACHED:
             return
-        for index in [i for i in self._blocks if i not in self._dirty][:len(self._blocks) - MAX_CACHED]:
+        clean = [i for i in self._blocks if i not in self._dirty and i != keep]
+        for index in clean[:len(self._blocks) - MAX_CACHED]:
             del self._blocks[index]
 
     async def get(self, first: int, count: int) -> list[int]:
@@ -140,7 +142,9 @@ class ChecksumTable:
         return out
 
     async def update(self, first: int, tags: list[int]) -> set[int]:
-        """Set tags of blocks first..; returns the checksum block indexes changed."""
+        """Set tags of blocks first..; returns the checksum block indexes changed.
+        Each block is marked dirty as soon as it changes, so loading the next
+        one (which may evict clean blocks) cannot drop it."""
         changed: set[int] = set()
         block, pos = first, 0
         while pos < len(tags):
@@ -148,10 +152,10 @@ class ChecksumTable:
             n = min(CSUMS_PER_BLOCK - entry, len(tags) - pos)
             entries = await self._load(index)
             entries[entry:entry + n] = tags[pos:pos + n]
+            self._dirty.add(index)
             changed.add(index)
             block += n
             pos += n
-        self._dirty |= changed
         return changed
 
     async def write_back(self, indexes: set[int] | None = None, fua: bool = False) -> None:

@@ -15,7 +15,6 @@ import contextlib
 import errno
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from . import stripe as stripe_ops
@@ -28,6 +27,8 @@ from .member import Member
 from .phases import Phase, PhaseKind
 from .ppl import PPLRecord
 from .ring import PPLRing
+from .shield import run_to_end
+from .stats import ArrayStats
 from .superblock import MemberState, Superblock
 
 log = logging.getLogger(__name__)
@@ -69,19 +70,9 @@ class Slot:
         await self.member.write(offset, data, fua)
 
 
-@dataclass
-class ArrayStats:
-    """Counters for humans: self-heal repairs by member name, unrecoverable blocks."""
-
-    repaired: Counter = field(default_factory=Counter)
-    unrecoverable: int = 0
-
-    def note_repair(self, member: str) -> None:
-        self.repaired[member] += 1
-
-
 class Array:
-    """Use `raid5.assemble.create` or `raid5.assemble.assemble` to get one."""
+    """Use `raid5.assemble.create` or `raid5.assemble.assemble` to get one.
+    It is the `StripeArray` the stripe executor works for."""
 
     def __init__(self, geom: Geometry, uuid: bytes, slots: list[Slot], *, region_stripes: int,
                  events: int, dirty_regions: set[int], journal: bool = True,
@@ -111,7 +102,8 @@ class Array:
         self._dirty = set(dirty_regions)
         self._durable = set(dirty_regions)
         self._inflight: Counter = Counter()
-        self._unflushed: set[int] = set()
+        self._flush_gen = 0                   # flushes begun so far: the generation of the next is +1
+        self._written_gen: dict[int, int] = {}   # region -> _flush_gen when its last write ended
         self._flush_epoch = [0] * geom.members         # flushes started, per role
         self._durable_epoch = [0] * geom.members       # writes completed before this epoch are durable
         self._unflushed_chunks: dict[tuple[int, int], int] = {}   # (stripe, role) -> epoch written
@@ -205,7 +197,9 @@ class Array:
         return out  # a bytearray: bytes-like, and one copy fewer
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        """Durable on return when `fua`; otherwise once a later flush returns."""
+        """Durable on return when `fua`; otherwise once a later flush returns.
+        If cancelled, stripes not yet begun keep their old bytes and a stripe
+        update already begun is finished before the cancellation is raised."""
         self._check_range(offset, len(data))
         if self.failed:
             raise self.failed
@@ -222,7 +216,7 @@ class Array:
                 if self.failed:
                     raise self.failed
                 pieces = {index: (lo, view[pos:pos + hi - lo]) for index, lo, hi, pos in items}
-                await stripe_ops.write_chunks(self, s, pieces, fua)
+                await run_to_end(stripe_ops.write_chunks(self, s, pieces, fua))
 
             async def stripe(s: int, items: list[tuple[int, int, int, int]]) -> None:
                 async with self._hold(s, 1):
@@ -236,7 +230,8 @@ class Array:
                             self.has_live_record(s) for s in range(first, first + count)):
                         size = count * self.geom.stripe_data_size
                         try:
-                            await stripe_ops.write_full_stripes(self, first, view[pos:pos + size], fua)
+                            await run_to_end(stripe_ops.write_full_stripes(
+                                self, first, view[pos:pos + size], fua))
                             return
                         except MemberLost:
                             pass
@@ -250,13 +245,19 @@ class Array:
                 self._inflight[r] -= 1
                 if not self._inflight[r]:
                     del self._inflight[r]
-                self._unflushed.add(r)
+                self._written_gen[r] = self._flush_gen
 
     async def flush(self) -> None:
-        """Every write acknowledged before this call is durable when it returns."""
+        """Every write acknowledged before this call is durable when it returns.
+
+        Flushes may overlap. Each has a generation; it clears the bit of a
+        region only if every write to it ended before the flush began, i.e.
+        before it sent its member flushes: a bit is cleared only once the
+        writes it guards are durable."""
         if self.failed:
             raise self.failed
-        self._unflushed = set()
+        self._flush_gen += 1
+        generation = self._flush_gen
         retired = min(self._live_seqs) - 1 if self._live_seqs else self._seq
         live = self.live_roles()
         lost = await asyncio.gather(*(self._write_back(r) for r in live))
@@ -264,7 +265,8 @@ class Array:
         if self.failed:
             raise self.failed
         self._retired = max(self._retired, retired)
-        await self._clear_clean_regions()
+        self._written_gen = {r: g for r, g in self._written_gen.items() if g >= generation}
+        await self._clear_clean_regions(generation)
         if self._retired > self.retired_durable:
             # log records of updates this flush made durable must never be replayed
             await self.mark_dirty(set(), force=True)
@@ -381,15 +383,26 @@ class Array:
             await self.fail(role, exc)
             raise MemberLost(role) from exc
 
+    async def write_member(self, role: int, offset: int, data: bytes, fua: bool) -> None:
+        """Write to `role`'s member with no failure handling (callers `settle`)."""
+        await self.slots[role].write(offset, data, fua)
+
+    def ppl_generation(self, role: int) -> int:
+        return self.slots[role].ppl_generation
+
     async def ppl_append(self, role: int, record: PPLRecord, payload: bytes) -> int:
+        """Append `record` (FUA) to `role`'s ring; from then on it is the newest
+        record of its stripe. Returns its ticket."""
         ring = self.slots[role].ring
         if ring is None:
             raise MemberLost(role)
         try:
-            return await ring.append(record, payload)
+            ticket = await ring.append(record, payload)
         except OSError as exc:
             await self.fail(role, exc)
             raise MemberLost(role) from exc
+        self.logged[record.stripe] = record.seq
+        return ticket
 
     def has_live_record(self, stripe: int) -> bool:
         """Could a crash now replay a log record of `stripe`? Then a full-stripe
@@ -524,12 +537,14 @@ class Array:
         """Bits record what an absent or resyncing member missed: keep them then."""
         return all(s.state in (MemberState.IN_SYNC, MemberState.REBUILDING) for s in self.slots)
 
-    async def _clear_clean_regions(self) -> None:
+    async def _clear_clean_regions(self, generation: int) -> None:
+        """After flush `generation` returned from the members: clear the bits of
+        regions with no write in flight and none ended since that flush began."""
         if not self.can_clear_bits():
             return
         async with self._bm_lock:
             clear = {r for r in self._dirty
-                     if not self._inflight[r] and r not in self._unflushed
+                     if not self._inflight[r] and self._written_gen.get(r, 0) < generation
                      and r not in self.pending_resync}
             if clear:
                 self._dirty -= clear

@@ -1,8 +1,9 @@
 """The executor: performs read and write plans for one stripe.
 
-Callers hold the stripe's lock. Every read of a member block is checked
-against its stored checksum; a bad block is rebuilt from the other members,
-written back (self-heal) and never returned corrupted. A member that fails
+Callers hold the stripe's lock. The executor works for any `StripeArray`
+(the engine's `Array` is one) and never imports the engine. Every read of a
+member block is checked against its stored checksum; a bad block is rebuilt
+from the other members, written back (self-heal) and never returned corrupted. A member that fails
 mid-operation is marked faulty by the array and the operation is planned
 again without it (`MemberLost` never leaves this module's callers).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,19 +22,17 @@ from .geometry import BLOCK
 from .parity import xor_all, xor_into
 from .plan import WriteMode, WritePlan, _edges, _minus, plan_read, plan_write, run_layout
 from .ppl import PPLRecord
-
-if TYPE_CHECKING:
-    from .engine import Array
+from .stripe_array import StripeArray
 
 log = logging.getLogger(__name__)
 
 
-def block_no(arr: "Array", stripe: int, at: int) -> int:
+def block_no(arr: StripeArray, stripe: int, at: int) -> int:
     """Member block number of chunk byte `at` of `stripe`."""
     return (stripe * arr.geom.chunk_size + at) // BLOCK
 
 
-async def heal_block(arr: "Array", stripe: int, role: int, at: int, bad: bytes,
+async def heal_block(arr: StripeArray, stripe: int, role: int, at: int, bad: bytes,
                      stored: int) -> bytes:
     """Rebuild one block of `role` from the others; rewrite it if the result
     matches the stored checksum. Raises UnrecoverableBlock when it cannot."""
@@ -67,7 +65,7 @@ async def heal_block(arr: "Array", stripe: int, role: int, at: int, bad: bytes,
     return good
 
 
-async def read_verified(arr: "Array", stripe: int, role: int, lo: int, hi: int) -> np.ndarray:
+async def read_verified(arr: StripeArray, stripe: int, role: int, lo: int, hi: int) -> np.ndarray:
     """Bytes [lo, hi) (block aligned) of `role`'s chunk of `stripe`, checksum-verified."""
     raw = await arr.mread(role, arr.geom.chunk_offset(stripe) + lo, hi - lo)
     buf = np.frombuffer(raw, dtype=np.uint8)
@@ -84,14 +82,14 @@ async def read_verified(arr: "Array", stripe: int, role: int, lo: int, hi: int) 
     return buf
 
 
-async def reconstruct(arr: "Array", stripe: int, role: int, lo: int, hi: int) -> np.ndarray:
+async def reconstruct(arr: StripeArray, stripe: int, role: int, lo: int, hi: int) -> np.ndarray:
     """Bytes [lo, hi) of `role`'s chunk computed from every other member."""
     others = [r for r in range(arr.geom.members) if r != role]
     parts = await asyncio.gather(*(read_verified(arr, stripe, r, lo, hi) for r in others))
     return xor_all(parts, hi - lo)
 
 
-async def read_chunk(arr: "Array", stripe: int, index: int, lo: int, hi: int) -> np.ndarray:
+async def read_chunk(arr: StripeArray, stripe: int, index: int, lo: int, hi: int) -> np.ndarray:
     """Array data: bytes [lo, hi) of data chunk `index` of `stripe`."""
     while True:
         plan = plan_read(arr.geom, stripe, index, lo, hi, arr.missing_one(stripe))
@@ -105,7 +103,7 @@ async def read_chunk(arr: "Array", stripe: int, index: int, lo: int, hi: int) ->
         return data[lo - plan.lo:hi - plan.lo]
 
 
-async def write_chunks(arr: "Array", stripe: int, pieces: dict[int, tuple[int, memoryview]],
+async def write_chunks(arr: StripeArray, stripe: int, pieces: dict[int, tuple[int, memoryview]],
                        fua: bool) -> None:
     """Write `pieces` (data index -> (offset in chunk, bytes)) into `stripe`."""
     modified = tuple((pieces[i][0], pieces[i][0] + len(pieces[i][1])) if i in pieces else (0, 0)
@@ -120,7 +118,7 @@ async def write_chunks(arr: "Array", stripe: int, pieces: dict[int, tuple[int, m
         return
 
 
-async def execute_write(arr: "Array", plan: WritePlan, pieces: dict[int, tuple[int, memoryview]],
+async def execute_write(arr: StripeArray, plan: WritePlan, pieces: dict[int, tuple[int, memoryview]],
                         fua: bool) -> None:
     geom = arr.geom
     s, p, m = plan.stripe, plan.parity_role, plan.missing
@@ -216,7 +214,7 @@ def _partial_parity(plan: WritePlan, roles: list[int], new: dict[int, tuple[int,
     return pp
 
 
-async def _log(arr: "Array", plan: WritePlan, pp: np.ndarray | None,
+async def _log(arr: StripeArray, plan: WritePlan, pp: np.ndarray | None,
                new: dict[int, tuple[int, np.ndarray]], mi: int | None, roles: list[int],
                pieces: dict[int, tuple[int, memoryview]], old) -> int:
     """Write the update's partial-parity record (FUA) to the parity member's ring."""
@@ -229,25 +227,23 @@ async def _log(arr: "Array", plan: WritePlan, pp: np.ndarray | None,
     payload = b"".join([b"" if full else pp.tobytes()] + [
         old(roles[i], row * BLOCK, (row + 1) * BLOCK).tobytes() for i, row in edges])
     p = plan.parity_role
-    record = PPLRecord(arr.uuid, arr.slots[p].ppl_generation, arr.next_seq(), plan.stripe,
+    record = PPLRecord(arr.uuid, arr.ppl_generation(p), arr.next_seq(), plan.stripe,
                        w0 // BLOCK, (w1 - w0) // BLOCK, rows, full, zlib.crc32(payload),
                        tuple(edges))
     try:
-        ticket = await arr.ppl_append(p, record, payload)
+        return await arr.ppl_append(p, record, payload)
     except BaseException:
         await arr.seq_done(p, record.seq)
         raise
-    arr.logged[plan.stripe] = record.seq
-    return ticket
 
 
-async def write_extents(arr: "Array", stripe: int, writes: list[tuple[int, int, np.ndarray]],
+async def write_extents(arr: StripeArray, stripe: int, writes: list[tuple[int, int, np.ndarray]],
                         fua: bool) -> None:
     """Write chunk extents to their members at once, then record their checksums
     (durably with FUA). Raises MemberLost after marking failed members faulty."""
     base = arr.geom.chunk_offset(stripe)
     results = await asyncio.gather(
-        *(arr.slots[role].write(base + at, buf.data, fua) for role, at, buf in writes),
+        *(arr.write_member(role, base + at, buf.data, fua) for role, at, buf in writes),
         return_exceptions=True)
     lost = await arr.settle([role for role, _, _ in writes], results)
     for (role, at, buf), res in zip(writes, results):
@@ -262,7 +258,7 @@ async def write_extents(arr: "Array", stripe: int, writes: list[tuple[int, int, 
         raise MemberLost(lost[0])
 
 
-async def write_full_stripes(arr: "Array", first: int, data: memoryview, fua: bool) -> None:
+async def write_full_stripes(arr: StripeArray, first: int, data: memoryview, fua: bool) -> None:
     """Write whole stripes from `first` with one write per member (all present,
     no live log record to supersede: a full-stripe write needs no log)."""
     geom = arr.geom
@@ -282,7 +278,7 @@ async def write_full_stripes(arr: "Array", first: int, data: memoryview, fua: bo
     await write_extents(arr, first, writes, fua)
 
 
-async def read_full_stripes(arr: "Array", first: int, count: int, out: memoryview) -> bool:
+async def read_full_stripes(arr: StripeArray, first: int, count: int, out: memoryview) -> bool:
     """Read whole stripes from `first` into `out`, one read per member. False
     when a member fails or a block fails its checksum (the caller then reads
     stripe by stripe, which repairs)."""

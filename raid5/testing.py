@@ -1,4 +1,5 @@
-"""Fault injection for tests and benchmarks: counting, failing, power cuts.
+"""Fault injection for tests and benchmarks: counting, failing, power cuts,
+and flushes the test paces (`PacedMember`) to force one interleaving.
 
 `PowerCut` models the head losing power: once a shared `Cut` has let its
 budget of writes through, the next write is torn (a block-aligned prefix
@@ -9,11 +10,12 @@ The test then throws the Array object away, calls `power_loss()` on volatile
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from .geometry import BLOCK
 from .member import Member, MemoryMember
@@ -90,6 +92,68 @@ class FaultyMember:
 
     def reset_count(self) -> None:
         self.count = IOCount()
+
+
+class Held:
+    """One write or flush held by a `PacedMember`. The test sets `effect` to
+    let it reach the disk (for a flush: what was written before then becomes
+    stable), then `reply` to let the caller see it complete."""
+
+    def __init__(self) -> None:
+        self.effect = asyncio.Event()
+        self.reply = asyncio.Event()
+
+    def release(self) -> None:
+        self.effect.set()
+        self.reply.set()
+
+
+class PacedMember:
+    """Wraps a member so a test can force one interleaving, as a network might
+    order things: while `hold` is true every flush() is put on `flushes`, and
+    every write for which `hold_write(offset, length)` is true on `writes`, as
+    a `Held` that waits for the test (see there). A held call that is
+    cancelled before its `effect` never reaches the disk."""
+
+    def __init__(self, inner: Member) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.size = inner.size
+        self.hold = False
+        self.hold_write: Callable[[int, int], bool] | None = None
+        self.flushes: asyncio.Queue[Held] = asyncio.Queue()
+        self.writes: asyncio.Queue[Held] = asyncio.Queue()
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.inner.read(offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        if self.hold_write is None or not self.hold_write(offset, len(data)):
+            await self.inner.write(offset, data, fua)
+        else:
+            await self._held(self.writes, lambda: self.inner.write(offset, data, fua))
+
+    async def flush(self) -> None:
+        if self.hold:
+            await self._held(self.flushes, self.inner.flush)
+        else:
+            await self.inner.flush()
+
+    @staticmethod
+    async def _held(queue: "asyncio.Queue[Held]", io: Callable[[], Awaitable[None]]) -> None:
+        call = Held()
+        queue.put_nowait(call)
+        await call.effect.wait()
+        await io()
+        await call.reply.wait()
+
+    async def next_flush(self, timeout: float = 5.0) -> Held:
+        """The next flush the array sent to this member (bounded wait)."""
+        return await asyncio.wait_for(self.flushes.get(), timeout)
+
+    async def next_write(self, timeout: float = 5.0) -> Held:
+        """The next held write the array sent to this member (bounded wait)."""
+        return await asyncio.wait_for(self.writes.get(), timeout)
 
 
 def corrupt(member: MemoryMember, offset: int, length: int, rng: random.Random) -> None:

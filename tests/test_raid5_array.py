@@ -206,3 +206,23 @@ def test_checksum_cache_is_bounded(monkeypatch):
         rep = await scrub(arr)
         assert (rep.repaired, rep.mismatches, rep.unrecoverable) == (0, 0, 0)
     run(go())
+
+
+def test_checksum_update_across_two_blocks_survives_eviction(monkeypatch):
+    """Issue 9, 2.6: loading the second checksum block of an update must not
+    evict the first one, already updated in the cache but not yet written."""
+    import opie.raid5.checksums
+    from opie.raid5.checksums import ChecksumTable
+    from opie.raid5.geometry import BLOCK, CSUMS_PER_BLOCK
+    monkeypatch.setattr(opie.raid5.checksums, "MAX_CACHED", 1)
+
+    async def go():
+        disk = MemoryMember(4 * BLOCK, "csums")
+        table = ChecksumTable("csums", 0, disk.read, disk.write)
+        first = CSUMS_PER_BLOCK - 1                    # last entry of block 0, first of block 1
+        assert await table.update(first, [11, 22]) == {0, 1}
+        assert await table.get(first, 2) == [11, 22]
+        await table.write_back()
+        again = ChecksumTable("csums", 0, disk.read, disk.write)
+        assert await again.get(first, 2) == [11, 22]
+    run(go())

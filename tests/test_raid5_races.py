@@ -1,0 +1,145 @@
+"""Data-path races of the RAID5 engine (issue 9, section 2), each driven as one
+exact interleaving on in-memory members with volatile caches: the test holds
+member flushes (`PacedMember`) or cancels a write at a chosen point, then cuts
+the power, loses a member and reads back what was durable before."""
+
+import asyncio
+import os
+
+import pytest
+
+from opie.raid5.assemble import assemble, create
+from opie.raid5.geometry import BLOCK
+from opie.raid5.member import MemoryMember
+from opie.raid5.shield import run_to_end
+from opie.raid5.testing import PacedMember
+
+CHUNK = 16384
+PPL = 256 << 10
+STRIPES = 6
+WAIT = 5.0          # seconds: bound of every wait on the array
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def paced_array(members: int = 3):
+    """A clean array over volatile paced members, filled with random bytes and
+    flushed twice (data and its clean bitmap stable)."""
+    mems = [MemoryMember(8 << 20, f"disk{i}", volatile=True) for i in range(members)]
+    paced = [PacedMember(m) for m in mems]
+    arr = await create(paced, chunk_size=CHUNK, ppl_size=PPL, region_stripes=1,
+                       assume_clean=True)
+    ref = bytearray(os.urandom(STRIPES * arr.geom.stripe_data_size))
+    await arr.write(0, bytes(ref))
+    await arr.flush()
+    await arr.flush()
+    return mems, paced, arr, ref
+
+
+def chunk_at(arr, stripe: int, index: int) -> int:
+    """Array offset of data chunk `index` of `stripe`."""
+    return stripe * arr.geom.stripe_data_size + index * arr.geom.chunk_size
+
+
+def test_flush_keeps_the_bit_of_a_write_that_completed_after_it_sent_its_flushes():
+    """2.1: flush F1 sends its member flushes; write W (region 0) completes;
+    flush F2 starts; F1 returns. W is not durable (F2 has not reached the
+    disks), so region 0 must stay dirty. A write elsewhere then writes the
+    bitmap with FUA, the power fails before F2's flushes land with W's data
+    but not its parity on disk, and the other data member of stripe 0 is lost:
+    its chunk, durable long before, must read back unchanged."""
+    async def go():
+        mems, paced, arr, ref = await paced_array()
+        g = arr.geom
+        d, o, p = g.data_role(0, 0), g.data_role(0, 1), g.parity_role(0)
+        for m in paced:
+            m.hold = True
+        f1 = asyncio.create_task(arr.flush())
+        first = [await m.next_flush() for m in paced]
+        for call in first:
+            call.effect.set()                          # F1 reaches the disks before W
+        await asyncio.wait_for(arr.write(chunk_at(arr, 0, 0), os.urandom(BLOCK)), WAIT)
+        f2 = asyncio.create_task(arr.flush())
+        second = [await m.next_flush() for m in paced]  # held: F2 never reaches the disks
+        for call in first:
+            call.reply.set()
+        await asyncio.wait_for(f1, WAIT)
+        bit_kept = 0 in arr.dirty_regions
+        # a first write to another region writes the bitmap (as it is now) with FUA
+        await asyncio.wait_for(arr.write(chunk_at(arr, 1, 0), os.urandom(BLOCK)), WAIT)
+        f2.cancel()                                     # the power fails
+        await asyncio.gather(f2, return_exceptions=True)
+        assert len(second) == len(paced)
+        mems[d].power_loss(keep=1.0)                    # W's data reached the disk ...
+        mems[p].power_loss(keep=0.0)                    # ... its parity did not
+        mems[o].power_loss(keep=0.0)
+        for m in paced:
+            m.hold = False
+        again = await asyncio.wait_for(assemble([paced[d], paced[p]]), WAIT)   # o is lost
+        lo = chunk_at(again, 0, 1)
+        assert await again.read(lo, CHUNK) == ref[lo:lo + CHUNK]
+        assert bit_kept
+    run(go())
+
+
+def test_a_cancelled_stripe_update_is_finished_before_its_log_record_retires():
+    """2.2: a write to stripe 0 has logged its partial parity and written its
+    data chunk; its parity write is still on the way when the write is
+    cancelled (a closing NBD session does that). The head then flushes, as
+    before it marks the array clean, and the power fails. With the other data
+    member of stripe 0 lost, that member's chunk, durable long before, must
+    read back unchanged, and the written block must hold old or new bytes."""
+    async def go():
+        mems, paced, arr, ref = await paced_array()
+        g = arr.geom
+        d, o, p = g.data_role(0, 0), g.data_role(0, 1), g.parity_role(0)
+        base = g.chunk_offset(0)
+        paced[p].hold_write = lambda offset, length: base <= offset < base + CHUNK
+        new = os.urandom(BLOCK)
+        at = chunk_at(arr, 0, 0)
+        write = asyncio.create_task(arr.write(at, new))
+        parity = await paced[p].next_write()
+        assert await mems[d].read(base, BLOCK) == new      # data written, parity held
+        write.cancel()
+        parity.release()
+        done, _ = await asyncio.wait([write], timeout=WAIT)
+        assert done and write.cancelled()
+        paced[p].hold_write = None
+        await asyncio.wait_for(arr.flush(), WAIT)
+        for m in mems:
+            m.power_loss(keep=0.0)
+        again = await asyncio.wait_for(assemble([paced[d], paced[p]]), WAIT)   # o is lost
+        lo = chunk_at(again, 0, 1)
+        assert await again.read(lo, CHUNK) == ref[lo:lo + CHUNK]
+        assert await again.read(at, BLOCK) in (new, ref[at:at + BLOCK])
+    run(go())
+
+
+def test_run_to_end_finishes_the_update_then_raises_the_cancellation():
+    """The contract 2.2's fix rests on: a cancelled caller waits for its update
+    and is cancelled after it; uncancelled, the update's own error surfaces."""
+    async def go():
+        begun, gate, steps = asyncio.Event(), asyncio.Event(), []
+
+        async def update():
+            steps.append("begun")
+            begun.set()
+            await gate.wait()
+            steps.append("ended")
+
+        caller = asyncio.create_task(run_to_end(update()))
+        await asyncio.wait_for(begun.wait(), WAIT)
+        caller.cancel()
+        await asyncio.sleep(0)                         # one loop step: the cancel is delivered
+        assert not caller.done()                       # ... and the caller still waits
+        gate.set()
+        done, _ = await asyncio.wait([caller], timeout=WAIT)
+        assert done and caller.cancelled() and steps == ["begun", "ended"]
+
+        async def broken():
+            raise OSError(5, "member gone")
+        with pytest.raises(OSError):
+            await run_to_end(broken())
+    run(go())
