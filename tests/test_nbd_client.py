@@ -14,6 +14,7 @@ import pytest
 
 from opie.nbd import tls
 from opie.nbd.client import NBDClient, list_exports
+from opie.nbd.errors import ExportChanged
 from proc_support import freeze
 
 MiB = 1 << 20
@@ -174,7 +175,8 @@ def test_writes_lost_with_a_restarted_isu_fail_the_next_flush(tmp_path, isu_fact
     flushed = f"{tmp_path}/flushed.img"
 
     async def main():
-        c = await NBDClient.connect("127.0.0.1", isu.port, "l", timeout=10)
+        lost = []
+        c = await NBDClient.connect("127.0.0.1", isu.port, "l", timeout=10, on_lost=lost.extend)
         await c.write(0, b"A" * 4096)
         await c.flush()
         shutil.copyfile(img, flushed)              # the disk as the last FLUSH left it
@@ -183,7 +185,7 @@ def test_writes_lost_with_a_restarted_isu_fail_the_next_flush(tmp_path, isu_fact
         with pytest.raises(OSError) as ei:
             await c.flush()
         assert ei.value.errno == errno.EIO
-        assert c.reconnects == 1
+        assert c.reconnects == 1 and lost == [(4096, 4096)]
         # the loss is real, and reported once: the connection goes on
         assert await c.read(0, 8192) == b"A" * 4096 + bytes(4096)
         await c.write(4096, b"C" * 4096)
@@ -192,3 +194,33 @@ def test_writes_lost_with_a_restarted_isu_fail_the_next_flush(tmp_path, isu_fact
         await c.close()
 
     run(main())
+
+
+def test_verify_hook_sees_the_new_connection_and_can_refuse_it(tmp_path, isu_factory):
+    """`verify` runs on a re-established connection before anything is
+    re-sent, reads through it, and refusing (ExportChanged) fails the waiting
+    request with ESTALE instead of sending it to the wrong export."""
+    img = f"{tmp_path}/v.img"
+    isu = isu_factory([f"{img}:2M"])
+    seen = []
+
+    async def verify(read):
+        seen.append(bytes(await read(0, 4)))
+        if len(seen) > 1:
+            raise ExportChanged("not the export we had")
+
+    async def main():
+        c = await NBDClient.connect("127.0.0.1", isu.port, "v", timeout=10, verify=verify)
+        await c.write(0, b"ours", fua=True)
+        assert seen == []                          # not on the first connection
+        again = restart(isu_factory, isu, img)
+        assert await c.read(0, 4) == b"ours" and seen == [b"ours"]
+        restart(isu_factory, again, img)
+        with pytest.raises(OSError) as ei:
+            await c.write(4096, b"x" * 4096, fua=True)
+        assert ei.value.errno == errno.ESTALE and seen == [b"ours", b"ours"]
+        await c.close()
+
+    run(main())
+    with open(img, "rb") as f:
+        assert f.read(8192)[4096:] == bytes(4096)  # the refused write never reached the disk
