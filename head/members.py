@@ -14,6 +14,15 @@ Where member I/O runs (head config `member_io_thread`):
 Either way a `RemoteMember` keeps the client's contract (errors as OSError
 with errno, ordering of awaited calls).
 
+After a reconnect a member's client must find the same member behind the
+address before it sends anything (`MemberIdentity.verify`: the superblock's
+array uuid, member uuid and role as last read or written through it, events
+not older). Writes the member acknowledged but had not flushed when the
+connection was lost count as missed: from then on the `RemoteMember` answers
+every call with `WritesLost` (EIO), so the array fails that role (the
+write-intent bitmap keeps their regions dirty) and the watcher's re-add
+resyncs them.
+
 Contract: `connect_all` never raises for an unreachable member; it returns
 None in its place so the array can assemble degraded. The watcher runs on the
 head's loop; every `interval` it tries each failed role's export again and,
@@ -30,10 +39,12 @@ import ssl
 import threading
 
 from opie.nbd import uri as nbd_uri
-from opie.nbd.client import NBDClient
+from opie.nbd.client import NBDClient, ReadFn
+from opie.nbd.errors import ExportChanged, WritesLost
 from opie.raid5 import recovery
-from opie.raid5.errors import AssemblyError
-from opie.raid5.superblock import MemberState
+from opie.raid5.errors import AssemblyError, IntegrityError
+from opie.raid5.geometry import BLOCK, SUPERBLOCK_OFFSET
+from opie.raid5.superblock import MemberState, Superblock
 
 log = logging.getLogger(__name__)
 
@@ -127,23 +138,93 @@ def member_loop(io_thread: bool) -> "MemberLoop | CallerLoop":
     return MemberLoop.shared() if io_thread else CallerLoop()
 
 
-class RemoteMember:
-    """A raid5 member whose NBD client runs on the member loop (or the caller's)."""
+class MemberIdentity:
+    """Who a member client must find after a reconnect, and whether it lost
+    writes. Lives on the member loop: the client calls `verify` and
+    `writes_lost` there, and `RemoteMember` calls `seen` and `check` there.
 
-    def __init__(self, client: NBDClient, mloop: "MemberLoop | CallerLoop"):
+    The identity is that of the superblock last read from or written to the
+    member (assembly reads it, the array writes it); until one was seen (a
+    member not yet in an array) only the export's size is checked."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.superblock: Superblock | None = None
+        self.lost: WritesLost | None = None
+
+    def seen(self, offset: int, data) -> None:
+        """Note a superblock read from or written (acknowledged) to the member."""
+        if offset != SUPERBLOCK_OFFSET or len(data) < BLOCK:
+            return
+        try:
+            self.superblock = Superblock.from_bytes(bytes(memoryview(data)[:BLOCK]))
+        except IntegrityError:
+            pass  # not (yet) a member superblock: nothing to hold the member to
+
+    async def verify(self, read: ReadFn) -> None:
+        """The client's `verify` hook: raise ExportChanged unless the export
+        holds this member's superblock, at least as new as the last one seen."""
+        want = self.superblock
+        if want is None:
+            return
+        try:
+            got = Superblock.from_bytes(await read(SUPERBLOCK_OFFSET, BLOCK))
+        except IntegrityError as exc:
+            raise ExportChanged(f"{self.name}: no RAID5 superblock behind the address any more ({exc})") from None
+        was = (want.array_uuid.hex(), want.member_uuid.hex(), want.role)
+        now = (got.array_uuid.hex(), got.member_uuid.hex(), got.role)
+        if now != was:
+            raise ExportChanged(f"{self.name}: another member answers (array, member, role) {now}, "
+                                f"expected {was}")
+        if got.events < want.events:
+            raise ExportChanged(f"{self.name}: superblock went back from events {want.events} to "
+                                f"{got.events}: the member lost durable writes")
+
+    def writes_lost(self, ranges: list[tuple[int, int]]) -> None:
+        """The client's `on_lost` hook: the member missed acknowledged writes."""
+        self.lost = WritesLost(f"{self.name}: missed {len(ranges)} acknowledged, unflushed write range(s) "
+                               f"in a reconnect; failing it so its regions are resynced")
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise self.lost
+
+
+class RemoteMember:
+    """A raid5 member whose NBD client runs on the member loop (or the caller's).
+    Once its client lost acknowledged writes every call but `close` raises
+    `WritesLost` (see the module docstring)."""
+
+    def __init__(self, client: NBDClient, mloop: "MemberLoop | CallerLoop", identity: MemberIdentity):
         self.client = client
         self.mloop = mloop
+        self.identity = identity
         self.name = client.name
         self.size = client.size
 
+    async def _read(self, offset: int, length: int) -> bytes:
+        self.identity.check()
+        data = await self.client.read(offset, length)
+        self.identity.seen(offset, data)
+        return data
+
+    async def _write(self, offset: int, data, fua: bool) -> None:
+        self.identity.check()
+        await self.client.write(offset, data, fua)
+        self.identity.seen(offset, data)
+
+    async def _flush(self) -> None:
+        self.identity.check()
+        await self.client.flush()
+
     async def read(self, offset: int, length: int) -> bytes:
-        return await self.mloop.run(self.client.read(offset, length))
+        return await self.mloop.run(self._read(offset, length))
 
     async def write(self, offset: int, data, fua: bool = False) -> None:
-        await self.mloop.run(self.client.write(offset, data, fua))
+        await self.mloop.run(self._write(offset, data, fua))
 
     async def flush(self) -> None:
-        await self.mloop.run(self.client.flush())
+        await self.mloop.run(self._flush())
 
     async def close(self) -> None:
         await self.mloop.run(self.client.close())
@@ -153,14 +234,16 @@ async def connect(uri: str, tls: ssl.SSLContext | None, *, timeout: float = CONN
                   io_thread: bool = False) -> RemoteMember:
     u = nbd_uri.parse(uri)
     mloop = member_loop(io_thread)
+    identity = MemberIdentity(uri)
 
     async def open_client() -> NBDClient:
         c = await NBDClient.connect(u.host, u.port, u.export, tls_context=tls if u.tls else None,
-                                    timeout=timeout, reconnect_attempts=2)
+                                    timeout=timeout, reconnect_attempts=2, verify=identity.verify,
+                                    on_lost=identity.writes_lost)
         c.timeout = IO_TIMEOUT
         c.name = uri
         return c
-    return RemoteMember(await mloop.run(open_client()), mloop)
+    return RemoteMember(await mloop.run(open_client()), mloop, identity)
 
 
 async def connect_all(uris: list[str], tls: ssl.SSLContext | None,

@@ -4,7 +4,8 @@ A disk is given as `PATH[:SIZE]`: a regular file (created sparse at SIZE when
 missing) or a block device. It is exported under the file's stem (`disk0.img`
 -> `disk0`). An existing file is never resized or truncated: a SIZE that
 disagrees with it is refused. A disk whose I/O fails with EIO is marked
-failed and keeps answering EIO (it is not silently retried into service).
+failed and keeps answering EIO to every request (read, write, flush, trim,
+write-zeroes, cache; it is not silently retried into service).
 """
 from __future__ import annotations
 
@@ -139,6 +140,15 @@ class Disk(FileExport):
 
     async def flush(self):
         return await self._guard(super().flush())
+
+    async def trim(self, offset, length, fua=False):
+        return await self._guard(super().trim(offset, length, fua))
+
+    async def write_zeroes(self, offset, length, fua=False, may_trim=True):
+        return await self._guard(super().write_zeroes(offset, length, fua, may_trim))
+
+    async def cache(self, offset, length):
+        return await self._guard(super().cache(offset, length))
 
     def status(self) -> dict:
         return {"name": self.name, "path": os.path.abspath(self.path), "size": self.size,

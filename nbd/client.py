@@ -15,6 +15,17 @@ Contract:
   with backoff, within the request timeout) and re-sends the requests that
   were in flight; NBD reads and writes are idempotent, so a re-sent request
   is harmless. A request that timed out is failed, not re-sent.
+- Before anything is sent on a re-established connection the export must be
+  the same one: same size, and accepted by the caller's `verify(read)` hook
+  (e.g. the head checks the RAID superblock with `read`). A changed export
+  fails the requests waiting for it with `ExportChanged` (ESTALE), without
+  further attempts.
+- Writes (and trims, zeroes) acknowledged without FUA since the last
+  successful FLUSH may have died with the old connection's server. After a
+  reconnect they count as lost: their ranges go to `on_lost(ranges)` (called
+  on the client's loop before anything is re-sent), FLUSHes in flight fail
+  with `WritesLost` (EIO), or the next `flush()` does when none was; the loss
+  is reported once, like an fsync error.
 """
 from __future__ import annotations
 
@@ -22,7 +33,9 @@ import asyncio
 import errno
 import logging
 import ssl
+from collections import deque
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from opie.nbd import codec
 from opie.nbd.codec import ExportInfo, ProtocolError
@@ -37,8 +50,15 @@ from opie.nbd.constants import (
     Reply,
     TransmissionFlag,
 )
+from opie.nbd.errors import ExportChanged, WritesLost
 
 log = logging.getLogger(__name__)
+
+ReadFn = Callable[[int, int], Awaitable[bytes]]
+Verify = Callable[[ReadFn], Awaitable[None]]        # raises ExportChanged to refuse the export
+OnLost = Callable[[list[tuple[int, int]]], None]   # (offset, length) of each lost range
+
+_CACHED = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)  # durable only after a FLUSH without FUA
 
 
 @dataclass
@@ -48,6 +68,11 @@ class _Pending:
     payload: bytes | memoryview | None
     read_len: int
     future: asyncio.Future
+    command: int
+    flags: int
+    offset: int
+    length: int
+    flush_mark: int = 0  # FLUSH: it covers the cached writes acknowledged up to this ack number
     buf: bytearray | None = None
 
 
@@ -114,6 +139,20 @@ async def list_exports(host: str, port: int, *, tls: ssl.SSLContext | None = Non
         finally:
             writer.close()
     return await asyncio.wait_for(go(), timeout)
+
+
+async def _read_before_transmission(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                    offset: int, length: int) -> bytes:
+    """One READ on a connection not yet handed to the pipelined protocol (for
+    `verify`); cookie 0, which pipelined requests never use."""
+    writer.write(codec.encode_request(0, Command.READ, 0, offset, length))
+    await writer.drain()
+    hdr = codec.decode_reply_header(await reader.readexactly(codec.SIMPLE_REPLY_SIZE))
+    if hdr.structured or hdr.cookie != 0:
+        raise ProtocolError(f"unexpected reply (cookie {hdr.cookie}) to the verifying READ")
+    if hdr.error:
+        raise OSError(hdr.error, f"verifying READ at {offset}+{length}: server error {hdr.error}")
+    return await reader.readexactly(length)
 
 
 class _ReplyProtocol(asyncio.BufferedProtocol):
@@ -187,7 +226,8 @@ class NBDClient:
     """One connection to one export. Create with `await NBDClient.connect(...)`."""
 
     def __init__(self, host: str, port: int, export: str, tls: ssl.SSLContext | None,
-                 server_hostname: str | None, timeout: float, reconnect_attempts: int):
+                 server_hostname: str | None, timeout: float, reconnect_attempts: int,
+                 verify: Verify | None = None, on_lost: OnLost | None = None):
         self.host, self.port, self.export = host, port, export
         self.name = f"{host}:{port}/{export}"
         self._tls = tls
@@ -203,6 +243,11 @@ class NBDClient:
         self._reconnecting: asyncio.Task | None = None
         self._closed = False
         self.reconnects = 0
+        self.verify = verify
+        self.on_lost = on_lost
+        self._acks = 0                                # cached writes acknowledged so far
+        self._unflushed: deque[list[int]] = deque()  # [newest ack, offset, length], ack order
+        self._flush_error: WritesLost | None = None
 
     # ------------------------------------------------------------ properties
     @property
@@ -240,11 +285,14 @@ class NBDClient:
     @classmethod
     async def connect(cls, host: str, port: int, export: str = "", *, tls_dir: str | None = None,
                       tls_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
-                      timeout: float = 30.0, reconnect_attempts: int = 3) -> "NBDClient":
+                      timeout: float = 30.0, reconnect_attempts: int = 3, verify: Verify | None = None,
+                      on_lost: OnLost | None = None) -> "NBDClient":
+        """`verify` and `on_lost`: see the module docstring (reconnects only)."""
         if tls_dir and tls_context is None:
             from opie.nbd import tls as _tls
             tls_context = _tls.client_context(tls_dir)
-        self = cls(host, port, export, tls_context, server_hostname, timeout, reconnect_attempts)
+        self = cls(host, port, export, tls_context, server_hostname, timeout, reconnect_attempts,
+                   verify, on_lost)
         try:
             await asyncio.wait_for(self._connect(), timeout)
         except asyncio.TimeoutError:
@@ -255,7 +303,7 @@ class NBDClient:
                                             f"the handshake ({exc.__class__.__name__})") from None
         return self
 
-    async def _connect(self) -> None:
+    async def _connect(self, reconnect: bool = False) -> None:
         reader, writer, no_zeroes = await _open(self.host, self.port, self._tls, self._server_hostname)
         try:
             writer.write(codec.encode_option(Option.GO, codec.encode_info_request(self.export, (Info.BLOCK_SIZE,))))
@@ -276,7 +324,9 @@ class NBDClient:
                 else:
                     raise _reply_error(Option.GO, hdr.reply, data)
             if self.info.size and info.size != self.info.size:
-                raise OSError(errno.EIO, f"{self.name}: export size changed from {self.info.size} to {info.size}")
+                raise ExportChanged(f"{self.name}: export size changed from {self.info.size} to {info.size}")
+            if reconnect and self.verify is not None:
+                await self.verify(lambda offset, length: _read_before_transmission(reader, writer, offset, length))
             self.info = info
         except ProtocolError as exc:
             writer.close()
@@ -309,22 +359,64 @@ class NBDClient:
         try:
             for attempt in range(1, self.reconnect_attempts + 1):
                 try:
-                    await asyncio.wait_for(self._connect(), self.timeout)
+                    await asyncio.wait_for(self._connect(reconnect=True), self.timeout)
+                except ExportChanged as exc:
+                    log.error("%s: refusing the export after a reconnect: %s", self.name, exc)
+                    self._fail_pending(exc)
+                    return
                 except (OSError, asyncio.TimeoutError, EOFError, asyncio.IncompleteReadError) as exc:
                     log.warning("%s: reconnect %d/%d failed: %s", self.name, attempt, self.reconnect_attempts, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 3, 2.0)
                     continue
                 self.reconnects += 1
+                self._writes_lost()
                 log.info("%s: reconnected; re-sending %d request(s)", self.name, len(self._pending))
                 for p in list(self._pending.values()):
                     self._send(p)
                 return
-            err = OSError(errno.ECONNRESET, f"{self.name}: connection lost")
-            for p in list(self._pending.values()):
-                self._complete(p, err)
+            self._fail_pending(OSError(errno.ECONNRESET, f"{self.name}: connection lost"))
         finally:
             self._reconnecting = None
+
+    def _fail_pending(self, err: OSError) -> None:
+        for p in list(self._pending.values()):
+            self._complete(p, err)
+
+    def _writes_lost(self) -> None:
+        """After a reconnect: cached writes acknowledged on the old connection
+        and not flushed are lost (see the module docstring)."""
+        if not self._unflushed:
+            return
+        ranges = [(offset, length) for _, offset, length in self._unflushed]
+        self._unflushed.clear()
+        err = WritesLost(f"{self.name}: {len(ranges)} range(s), {sum(n for _, n in ranges)} bytes, written "
+                         "without FUA and not flushed when the connection was lost may be lost")
+        log.error("%s", err)
+        if self.on_lost is not None:
+            try:
+                self.on_lost(ranges)
+            except Exception:  # the caller's bug must not strand the requests waiting here
+                log.exception("%s: on_lost hook failed", self.name)
+        flushes = [p for p in self._pending.values() if p.command == Command.FLUSH]
+        for p in flushes:
+            self._complete(p, err)
+        if not flushes:
+            self._flush_error = err
+
+    def _acknowledged(self, p: _Pending) -> None:
+        """Track what a successful reply leaves in the server's cache, and what a FLUSH made durable."""
+        if p.command == Command.FLUSH:
+            while self._unflushed and self._unflushed[0][0] <= p.flush_mark:
+                self._unflushed.popleft()
+        elif p.command in _CACHED and not p.flags & CommandFlag.FUA:
+            self._acks += 1
+            last = self._unflushed[-1] if self._unflushed else None
+            if last is not None and last[1] <= p.offset <= last[1] + last[2]:  # sequential: extend
+                last[0] = self._acks
+                last[2] = max(last[1] + last[2], p.offset + p.length) - last[1]
+            else:
+                self._unflushed.append([self._acks, p.offset, p.length])
 
     # ------------------------------------------------------------ requests
     def _complete(self, p: _Pending, exc: BaseException | None) -> None:
@@ -334,6 +426,7 @@ class NBDClient:
         if exc is not None:
             p.future.set_exception(exc)
         else:
+            self._acknowledged(p)
             p.future.set_result(p.buf)  # READ: the request's own bytearray, no copy
 
     def _send(self, p: _Pending) -> None:
@@ -361,7 +454,8 @@ class NBDClient:
         self._cookie += 1
         cookie = self._cookie
         fut = asyncio.get_running_loop().create_future()
-        p = _Pending(cookie, codec.encode_request(flags, type_, cookie, offset, length), payload, read_len, fut)
+        p = _Pending(cookie, codec.encode_request(flags, type_, cookie, offset, length), payload, read_len, fut,
+                     type_, flags, offset, length, flush_mark=self._acks)
         self._pending[cookie] = p
         if self._transport is None and self._reconnecting is None:
             self._reconnecting = asyncio.ensure_future(self._reconnect())
@@ -399,6 +493,11 @@ class NBDClient:
             mv = mv[n:]
 
     async def flush(self) -> None:
+        """Every write acknowledged before this call is durable on return;
+        `WritesLost` (EIO, once) when some may have died with a lost connection."""
+        err, self._flush_error = self._flush_error, None
+        if err is not None:
+            raise err
         await self._request(Command.FLUSH, 0, 0, 0)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:

@@ -96,7 +96,12 @@ class FileExport:
 
     Syscalls on a block device run in a small thread pool shared by all file
     exports of the process, so one slow disk never stalls the event loop;
-    on a regular file they run inline (see `inline`).
+    on a regular file they run inline (see `inline`). fdatasync (FLUSH, and
+    FUA after its write) always runs in the pool: it waits for the disk, and
+    on the loop it would stall every other connection the loop serves.
+    Ordering: it starts only after the writes it must cover have returned
+    (inline, or awaited in the pool), so a FLUSH covers every write
+    acknowledged before it arrived.
     """
 
     _pool: ThreadPoolExecutor | None = None
@@ -165,10 +170,16 @@ class FileExport:
         log.error("%s: %s", self.name, exc)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        await self._run(self._pwrite, offset, data, fua)
+        await self._run(self._pwrite, offset, data, False)
+        if fua:
+            await self._sync()
 
     async def flush(self) -> None:
-        await self._run(os.fdatasync, self.fd)
+        await self._sync()
+
+    async def _sync(self) -> None:
+        """fdatasync in the pool, never on the loop (see the class docstring)."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, os.fdatasync, self.fd)
 
     def _discard(self, offset: int, length: int, zero: bool) -> None:
         if self.is_block:
@@ -190,12 +201,7 @@ class FileExport:
             offset += n
             length -= n
 
-    def _trim(self, offset: int, length: int, fua: bool) -> None:
-        self._discard(offset, length, zero=False)
-        if fua:
-            os.fdatasync(self.fd)
-
-    def _zero(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+    def _zero(self, offset: int, length: int, may_trim: bool) -> None:
         if may_trim:
             self._discard(offset, length, zero=True)
         elif self.is_block:
@@ -207,14 +213,16 @@ class FileExport:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 self._write_zeros(offset, length)
-        if fua:
-            os.fdatasync(self.fd)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        await self._run(self._trim, offset, length, fua)
+        await self._run(self._discard, offset, length, False)
+        if fua:
+            await self._sync()
 
     async def write_zeroes(self, offset: int, length: int, fua: bool = False, may_trim: bool = True) -> None:
-        await self._run(self._zero, offset, length, fua, may_trim)
+        await self._run(self._zero, offset, length, may_trim)
+        if fua:
+            await self._sync()
 
     async def cache(self, offset: int, length: int) -> None:
         await self._run(os.posix_fadvise, self.fd, offset, length, POSIX_FADV_WILLNEED)

@@ -14,7 +14,8 @@ import pytest
 
 from opie.nbd import tls
 from opie.nbd.client import NBDClient, list_exports
-from proc_support import freeze, start_isu, stop
+from opie.nbd.errors import ExportChanged
+from proc_support import freeze
 
 MiB = 1 << 20
 
@@ -135,26 +136,91 @@ def test_timeout_then_recovery_when_isu_is_stopped_and_continued(tmp_path, isu_f
     run(main())
 
 
-def test_reconnect_after_isu_restart(tmp_path):
-    state = str(tmp_path / "st")
-    disk = f"{tmp_path}/r.img:2M"
-    isu = start_isu(state, [disk])
-    port = isu.port
-    try:
-        async def main():
-            nonlocal isu
-            c = await NBDClient.connect("127.0.0.1", port, "r", timeout=10)
-            await c.write(0, b"A" * 4096)
-            await c.flush()
-            isu.proc.kill()
-            isu.proc.wait(5)
-            isu = start_isu(state, [f"{tmp_path}/r.img"], port=port)
-            # in-flight and new requests go over a new connection
-            await c.write(4096, b"B" * 4096, fua=True)
-            assert await c.read(0, 8192) == b"A" * 4096 + b"B" * 4096
-            assert c.reconnects == 1
-            await c.close()
+def restart(isu_factory, isu, disk: str, *, disk_as_of=None):
+    """SIGKILL `isu`, then serve `disk` again on the same port (and state
+    dir). `disk_as_of`: a copy of the disk to put back first, as a machine
+    that lost its write cache would come back."""
+    isu.proc.kill()
+    isu.proc.wait(5)
+    if disk_as_of is not None:
+        os.replace(disk_as_of, disk)
+    return isu_factory([disk], port=isu.port)
 
-        run(main())
-    finally:
-        stop(isu.proc)
+
+def test_reconnect_after_isu_restart(tmp_path, isu_factory):
+    img = f"{tmp_path}/r.img"
+    isu = isu_factory([f"{img}:2M"])
+
+    async def main():
+        c = await NBDClient.connect("127.0.0.1", isu.port, "r", timeout=10)
+        await c.write(0, b"A" * 4096)
+        await c.flush()
+        restart(isu_factory, isu, img)
+        # in-flight and new requests go over a new connection
+        await c.write(4096, b"B" * 4096, fua=True)
+        assert await c.read(0, 8192) == b"A" * 4096 + b"B" * 4096
+        assert c.reconnects == 1
+        await c.close()
+
+    run(main())
+
+
+def test_writes_lost_with_a_restarted_isu_fail_the_next_flush(tmp_path, isu_factory):
+    """Issue 9, 2.5: writes acknowledged without FUA live in the ISU's cache
+    until a FLUSH. The ISU dies and comes back without them (its disk as of
+    the last FLUSH); after the reconnect the next FLUSH must not succeed, as
+    if they were durable: it fails with EIO, once."""
+    img = f"{tmp_path}/l.img"
+    isu = isu_factory([f"{img}:2M"])
+    flushed = f"{tmp_path}/flushed.img"
+
+    async def main():
+        lost = []
+        c = await NBDClient.connect("127.0.0.1", isu.port, "l", timeout=10, on_lost=lost.extend)
+        await c.write(0, b"A" * 4096)
+        await c.flush()
+        shutil.copyfile(img, flushed)              # the disk as the last FLUSH left it
+        await c.write(4096, b"B" * 4096)           # acknowledged, not flushed
+        restart(isu_factory, isu, img, disk_as_of=flushed)
+        with pytest.raises(OSError) as ei:
+            await c.flush()
+        assert ei.value.errno == errno.EIO
+        assert c.reconnects == 1 and lost == [(4096, 4096)]
+        # the loss is real, and reported once: the connection goes on
+        assert await c.read(0, 8192) == b"A" * 4096 + bytes(4096)
+        await c.write(4096, b"C" * 4096)
+        await c.flush()
+        assert await c.read(4096, 4096) == b"C" * 4096
+        await c.close()
+
+    run(main())
+
+
+def test_verify_hook_sees_the_new_connection_and_can_refuse_it(tmp_path, isu_factory):
+    """`verify` runs on a re-established connection before anything is
+    re-sent, reads through it, and refusing (ExportChanged) fails the waiting
+    request with ESTALE instead of sending it to the wrong export."""
+    img = f"{tmp_path}/v.img"
+    isu = isu_factory([f"{img}:2M"])
+    seen = []
+
+    async def verify(read):
+        seen.append(bytes(await read(0, 4)))
+        if len(seen) > 1:
+            raise ExportChanged("not the export we had")
+
+    async def main():
+        c = await NBDClient.connect("127.0.0.1", isu.port, "v", timeout=10, verify=verify)
+        await c.write(0, b"ours", fua=True)
+        assert seen == []                          # not on the first connection
+        again = restart(isu_factory, isu, img)
+        assert await c.read(0, 4) == b"ours" and seen == [b"ours"]
+        restart(isu_factory, again, img)
+        with pytest.raises(OSError) as ei:
+            await c.write(4096, b"x" * 4096, fua=True)
+        assert ei.value.errno == errno.ESTALE and seen == [b"ours", b"ours"]
+        await c.close()
+
+    run(main())
+    with open(img, "rb") as f:
+        assert f.read(8192)[4096:] == bytes(4096)  # the refused write never reached the disk
