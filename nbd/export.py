@@ -144,11 +144,6 @@ class FileExport:
             raise OSError(errno.EIO, f"short read at {offset}: {len(data)} of {length}")
         return data
 
-    def _pwrite(self, offset: int, data: bytes, fua: bool) -> None:
-        pwrite_all(self.fd, data, offset)
-        if fua:
-            os.fdatasync(self.fd)
-
     async def read(self, offset: int, length: int) -> bytes:
         return await self._run(self._pread, offset, length)
 
@@ -170,7 +165,7 @@ class FileExport:
         log.error("%s: %s", self.name, exc)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        await self._run(self._pwrite, offset, data, False)
+        await self._run(pwrite_all, self.fd, data, offset)
         if fua:
             await self._sync()
 
@@ -197,7 +192,7 @@ class FileExport:
         chunk = bytes(min(length, 1 << 20))
         while length:
             n = min(length, len(chunk))
-            self._pwrite(offset, chunk[:n], False)
+            pwrite_all(self.fd, chunk[:n], offset)
             offset += n
             length -= n
 
