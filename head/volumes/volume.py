@@ -266,8 +266,10 @@ class VolumeDevice:
 
 class SnapshotDevice:
     """A snapshot as a read-only block device (and NBD export, named
-    VOLUME@SNAPSHOT); writes raise OSError(EROFS). Reads of a snapshot being
-    deleted may return garbage; close its exports before deleting it."""
+    VOLUME@SNAPSHOT); writes raise OSError(EROFS). A read in flight when the
+    snapshot is deleted completes on the old mapping (the delete waits for
+    it); one that starts or is still queued for its segments then raises
+    OSError(ENODEV)."""
 
     read_only = True
     can_multi_conn = True
@@ -291,15 +293,21 @@ class SnapshotDevice:
     def size(self) -> int:
         return self._snap.size
 
-    async def read(self, offset: int, length: int) -> bytes:
+    def _live(self) -> SnapshotState:
         if self._snap.deleted:
             raise OSError(errno.ENODEV, f"snapshot {self.name} was deleted")
-        check_range(self._snap.size, offset, length)
-        # under the volume's segment locks: deleting another snapshot may free
-        # a version this one reads through to (see Pool.delete_snapshot)
+        return self._snap
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Under the volume's segment locks: deleting a snapshot frees versions
+        this one may read (or read through to) only under them (see
+        Pool.delete_snapshot). `deleted` is checked again once the locks are
+        held, since a delete may have gone first and dropped this epoch."""
+        check_range(self._live().size, offset, length)
         async with self._vs.locks.hold(p[0] for p in split(offset, length,
                                                            self._pool.segment_size)):
-            return await read_view(self._pool, self._vs.id, self._snap.epoch, offset, length)
+            snap = self._live()
+            return await read_view(self._pool, self._vs.id, snap.epoch, offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         raise OSError(errno.EROFS, f"snapshot {self.name} is read-only")
