@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import errno
 
+import pytest
+
 from opie.head.volumes import MemoryDevice, Pool
 
 SEG = 16 * 1024
@@ -55,6 +57,24 @@ async def paused_read(dev: PausingDevice, read) -> asyncio.Task:
     return task
 
 
+MINE, THEIRS = b"A" * (4 * SEG), b"B" * (4 * SEG)
+
+
+async def written_volume(pool: Pool, name: str, data: bytes):
+    """A new volume holding `data`, flushed."""
+    await pool.create_volume(name, len(data))
+    vol = pool.open_volume(name)
+    await vol.write(0, data)
+    await vol.flush()
+    return vol
+
+
+async def write_other_volume(pool: Pool, data: bytes) -> None:
+    """Allocate a new volume and fill it: it takes the lowest free segments,
+    which are the ones a delete or shrink just gave back."""
+    await written_volume(pool, "other", data)
+
+
 async def outcome(task: asyncio.Task) -> bytes | int:
     """The read's bytes, or the errno it failed with."""
     try:
@@ -67,6 +87,31 @@ def show(result: bytes | int) -> str:
     if isinstance(result, int):
         return errno.errorcode.get(result, str(result))
     return f"{len(result)} bytes of {sorted(set(result))[:4]}"
+
+
+@pytest.mark.parametrize("change, at, refusal", [
+    (lambda pool: pool.delete_volume("a"), 0, errno.ENODEV),
+    (lambda pool: pool.resize_volume("a", 2 * SEG), 3 * SEG, errno.EINVAL),   # the last segment
+], ids=["delete", "shrink"])
+def test_read_in_flight_across_a_delete_or_shrink_never_sees_another_volume(
+        change, at: int, refusal: int) -> None:
+    async def body() -> None:
+        pool, dev = await new_pool()
+        vol = await written_volume(pool, "a", MINE)
+        first = await paused_read(dev, lambda: vol.read(at, SEG))
+        changing = asyncio.ensure_future(change(pool))
+        queued = asyncio.ensure_future(vol.read(at, SEG))     # arrives after the change
+        writing = asyncio.ensure_future(write_other_volume(pool, THEIRS))
+        dev.release.set()
+        got, late = await outcome(first), await outcome(queued)
+        await asyncio.gather(changing, writing)
+        assert got in (MINE[at:at + SEG], refusal), f"the read returned {show(got)}"
+        assert late == refusal, f"the read queued behind the change returned {show(late)}"
+        assert await pool.open_volume("other").read(0, len(THEIRS)) == THEIRS
+        if "a" in {v.name for v in pool.list_volumes()}:      # shrunk: the rest is intact
+            assert await vol.read(0, 2 * SEG) == MINE[:2 * SEG]
+        assert pool.check().problems == []
+    asyncio.run(asyncio.wait_for(body(), WAIT))
 
 
 def test_snapshot_read_queued_behind_its_delete_gets_enodev() -> None:
@@ -89,5 +134,27 @@ def test_snapshot_read_queued_behind_its_delete_gets_enodev() -> None:
         assert got == old[:SEG]
         assert late == errno.ENODEV, f"the read of a deleted snapshot returned {show(late)}"
         assert await vol.read(0, 2 * SEG) == new + old[SEG:]
+        assert pool.check().problems == []
+    asyncio.run(asyncio.wait_for(body(), WAIT))
+
+
+def test_snapshot_reads_fail_after_a_recursive_volume_delete() -> None:
+    async def body() -> None:
+        pool, dev = await new_pool()
+        await pool.create_volume("v", 2 * SEG)
+        await pool.open_volume("v").write(0, b"x" * (2 * SEG))
+        await pool.create_snapshot("v", "s")
+        snap = pool.open_snapshot("v", "s")
+        first = await paused_read(dev, lambda: snap.read(0, SEG))
+        deleting = asyncio.ensure_future(pool.delete_volume("v", recursive=True))
+        queued = asyncio.ensure_future(snap.read(SEG, SEG))
+        dev.release.set()
+        got = await outcome(first)
+        await deleting
+        assert got in (b"x" * SEG, errno.ENODEV)
+        assert await outcome(queued) == errno.ENODEV
+        with pytest.raises(OSError) as exc:
+            await snap.read(0, SEG)
+        assert exc.value.errno == errno.ENODEV
         assert pool.check().problems == []
     asyncio.run(asyncio.wait_for(body(), WAIT))
