@@ -147,7 +147,7 @@ def test_snapshot_reads_fail_after_a_recursive_volume_delete() -> None:
         snap = pool.open_snapshot("v", "s")
         first = await paused_read(dev, lambda: snap.read(0, SEG))
         deleting = asyncio.ensure_future(pool.delete_volume("v", recursive=True))
-        queued = asyncio.ensure_future(snap.read(SEG, SEG))
+        queued = asyncio.ensure_future(snap.read(0, SEG))        # behind the delete
         dev.release.set()
         got = await outcome(first)
         await deleting

@@ -220,14 +220,19 @@ class Pool:
         log.info("volume %s deleted", name)
 
     async def _delete_volume(self, vs: VolumeState) -> None:
+        """No writes in flight (the gate), and no reads of any segment it
+        maps (their locks): a read in flight finishes on the old mapping
+        before its segments can be reused; one queued for them finds the
+        volume deleted (ENODEV)."""
         async with vs.gate.frozen():
-            for snap in vs.snapshots.values():
-                snap.deleted = True
-                self._catalog.remove(snap.slot)
-            vs.deleted = True
-            self._catalog.remove(vs.slot)
-            self._alloc.defer(self._table.drop_volume(vs.id))
-            del self._volumes[vs.name]
+            async with vs.locks.hold(self._table.logicals(vs.id)):
+                for snap in vs.snapshots.values():
+                    snap.deleted = True
+                    self._catalog.remove(snap.slot)
+                vs.deleted = True
+                self._catalog.remove(vs.slot)
+                self._alloc.defer(self._table.drop_volume(vs.id))
+                del self._volumes[vs.name]
             await self.commit()
 
     async def resize_volume(self, name: str, size: int) -> VolumeInfo:
@@ -240,14 +245,21 @@ class Pool:
         return self._info(vs)
 
     async def _resize(self, vs: VolumeState, size: int) -> None:
+        """A shrink unmaps the segments beyond the new end under their locks
+        and sets the new size there too: a read in flight on them finishes
+        on the old mapping; one queued for them gets EINVAL."""
         seg = self.segment_size
         async with vs.gate.frozen():
             if size < vs.size:
                 if size % seg and self._table.visible(vs.id, size // seg) is not None:
                     tail = min(vs.size, -(-size // seg) * seg) - size
                     await write_locked(self, vs, size, bytes(tail), False)
-                self._alloc.defer(self._table.truncate(vs.id, -(-size // seg)))
-            vs.size = size
+                end = -(-size // seg)
+                async with vs.locks.hold(lg for lg in self._table.lineages[vs.id].live if lg >= end):
+                    vs.size = size
+                    self._alloc.defer(self._table.truncate(vs.id, end))
+            else:
+                vs.size = size
             self._catalog.put(vs.slot, self._record(vs))
             await self.commit()
 

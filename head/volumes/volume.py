@@ -208,12 +208,15 @@ class VolumeDevice:
         return self._vs
 
     async def read(self, offset: int, length: int) -> bytes:
-        """Under the segment locks, so a segment cannot be trimmed and reused
-        while it is being read; a read sees a concurrent write wholly or not
-        at all, per segment."""
-        vs = self._live()
-        check_range(vs.size, offset, length)
-        async with vs.locks.hold(p[0] for p in split(offset, length, self._pool.segment_size)):
+        """Under the segment locks, so a segment cannot be trimmed, shrunk
+        away or deleted and then reused while it is being read; a read sees a
+        concurrent write wholly or not at all, per segment. The volume and
+        the range are checked again once the locks are held: a delete
+        (ENODEV) or shrink (EINVAL) may have gone first."""
+        check_range(self._live().size, offset, length)
+        async with self._vs.locks.hold(p[0] for p in split(offset, length, self._pool.segment_size)):
+            vs = self._live()
+            check_range(vs.size, offset, length)
             return await read_view(self._pool, vs.id, None, offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
