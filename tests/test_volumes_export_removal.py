@@ -20,6 +20,7 @@ from opie.head.config import HeadConfig
 from opie.head.daemon import Head
 from opie.head.volumes import Pool
 from opie.nbd.client import NBDClient
+from opie.nbd.export import FileExport
 from opie.nbd.server import NBDServer
 
 SEG = 16 * 1024
@@ -88,4 +89,32 @@ def test_deleting_volume_and_snapshot_closes_their_sessions(tmp_path) -> None:
             for c in clients:
                 await c.close()
             await head.nbd.close()
+    asyncio.run(asyncio.wait_for(body(), WAIT))
+
+
+def test_remove_export_ends_sessions_on_worker_loops(tmp_path) -> None:
+    """The ISU serves its disks from worker threads: removal reaches the
+    sessions running on their loops too, and only those on that export."""
+    async def body() -> None:
+        exports = {}
+        for name in ("x", "y"):
+            (tmp_path / name).write_bytes(name.encode() * SEG)
+            exports[name] = FileExport(str(tmp_path / name), name)
+        server = NBDServer(exports, workers=2)
+        host, port = await server.start("127.0.0.1", 0)
+        clients = [await NBDClient.connect(host, port, name, timeout=5.0, reconnect_attempts=0)
+                   for name in ("x", "x", "y", "y")]
+        try:
+            await server.remove_export("x")
+            for c in clients[:2]:
+                after = await outcome(asyncio.ensure_future(c.read(0, 512)))
+                assert after == errno.ECONNRESET, f"a session on x answered {show(after)}"
+            for c in clients[2:]:
+                assert await c.read(0, 512) == b"y" * 512
+        finally:
+            for c in clients:
+                await c.close()
+            await server.close()
+            for e in exports.values():
+                e.close()
     asyncio.run(asyncio.wait_for(body(), WAIT))
