@@ -75,15 +75,17 @@ async def write_other_volume(pool: Pool, data: bytes) -> None:
     await written_volume(pool, "other", data)
 
 
-async def outcome(task: asyncio.Task) -> bytes | int:
-    """The read's bytes, or the errno it failed with."""
+async def outcome(task: asyncio.Task) -> bytes | int | None:
+    """What the call returned (a read's bytes), or the errno it failed with."""
     try:
         return await task
     except OSError as exc:
         return exc.errno
 
 
-def show(result: bytes | int) -> str:
+def show(result: bytes | int | None) -> str:
+    if result is None:
+        return "success"
     if isinstance(result, int):
         return errno.errorcode.get(result, str(result))
     return f"{len(result)} bytes of {sorted(set(result))[:4]}"
@@ -156,5 +158,25 @@ def test_snapshot_reads_fail_after_a_recursive_volume_delete() -> None:
         with pytest.raises(OSError) as exc:
             await snap.read(0, SEG)
         assert exc.value.errno == errno.ENODEV
+        assert pool.check().problems == []
+    asyncio.run(asyncio.wait_for(body(), WAIT))
+
+
+def test_write_and_trim_queued_behind_a_shrink_are_refused() -> None:
+    """A write or trim that checked its range against the old size and then
+    waited for the shrink must not map segments beyond the new end."""
+    async def body() -> None:
+        pool, dev = await new_pool()
+        vol = await written_volume(pool, "a", MINE)
+        first = await paused_read(dev, lambda: vol.read(3 * SEG, SEG))   # the shrink waits for it
+        shrinking = asyncio.ensure_future(pool.resize_volume("a", 2 * SEG))
+        writing = asyncio.ensure_future(vol.write(3 * SEG, THEIRS[:SEG]))
+        trimming = asyncio.ensure_future(vol.trim(2 * SEG, 2 * SEG))
+        dev.release.set()
+        await outcome(first)
+        await shrinking
+        wrote, trimmed = await outcome(writing), await outcome(trimming)
+        assert wrote == errno.EINVAL, f"the write queued behind the shrink returned {show(wrote)}"
+        assert trimmed == errno.EINVAL, f"the trim queued behind the shrink returned {show(trimmed)}"
         assert pool.check().problems == []
     asyncio.run(asyncio.wait_for(body(), WAIT))
