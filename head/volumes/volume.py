@@ -204,25 +204,30 @@ class VolumeDevice:
             raise OSError(errno.ENODEV, f"volume {self._vs.name} was deleted")
         return self._vs
 
+    def _check(self, offset: int, length: int) -> VolumeState:
+        """The volume, if it exists and [offset, offset+length) lies inside it:
+        checked when a request arrives and again once it holds the gate or
+        its segment locks, since a delete (ENODEV) or shrink (EINVAL) that
+        held them first may have changed the answer."""
+        vs = self._live()
+        check_range(vs.size, offset, length)
+        return vs
+
     async def read(self, offset: int, length: int) -> bytes:
         """Under the segment locks, so a segment cannot be trimmed, shrunk
         away or deleted and then reused while it is being read; a read sees a
-        concurrent write wholly or not at all, per segment. The volume and
-        the range are checked again once the locks are held: a delete
-        (ENODEV) or shrink (EINVAL) may have gone first."""
-        check_range(self._live().size, offset, length)
-        async with self._vs.locks.hold(p[0] for p in split(offset, length, self._core.segment_size)):
-            vs = self._live()
-            check_range(vs.size, offset, length)
+        concurrent write wholly or not at all, per segment."""
+        vs = self._check(offset, length)
+        async with vs.locks.hold(p[0] for p in split(offset, length, self._core.segment_size)):
+            self._check(offset, length)
             return await read_view(self._core, vs.id, None, offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write `data`; durable on return if `fua`. OSError(ENOSPC) when the
         pool cannot place it, with nothing written."""
-        vs = self._live()
-        check_range(vs.size, offset, len(data))
+        vs = self._check(offset, len(data))
         async with vs.gate.writer():
-            self._live()
+            self._check(offset, len(data))
             await write_locked(self._core, vs, offset, data, fua)
 
     async def flush(self) -> None:
@@ -233,12 +238,11 @@ class VolumeDevice:
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Discard a range: whole segments are unmapped (space comes back after
         the next commit), partial ones zeroed. The range reads as zeros."""
-        vs = self._live()
-        check_range(vs.size, offset, length)
+        vs = self._check(offset, length)
         core = self._core
         seg = core.segment_size
         async with vs.gate.writer():
-            self._live()
+            self._check(offset, length)
             pieces = split(offset, length, seg)
             # whole segments, counting a last segment the volume ends inside
             whole = [lg for lg, at, done, n in pieces
@@ -261,7 +265,7 @@ class VolumeDevice:
 
     async def cache(self, offset: int, length: int) -> None:
         """Nothing to prefetch into."""
-        check_range(self._live().size, offset, length)
+        self._check(offset, length)
 
 
 class SnapshotDevice:
