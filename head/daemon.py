@@ -277,7 +277,7 @@ class Head:
             raise HeadError(f"volume {name} has snapshots ({', '.join(snaps)}); delete them or ask recursive")
         for s in snaps:
             await self.delete_snapshot(name, s)
-        self.nbd.exports.pop(name, None)
+        await self.nbd.remove_export(name)  # ends the sessions open on it
         await self.pool.delete_volume(name)
 
     # ------------------------------------------------------------ snapshots
@@ -311,7 +311,7 @@ class Head:
         if self.files:
             await self.files.snapshot_removed(export)
         await self.unmount(export)
-        self.nbd.exports.pop(export, None)
+        await self.nbd.remove_export(export)  # ends the sessions open on it
         try:
             await self.pool.delete_snapshot(volume, name)
         except NotFoundError as exc:

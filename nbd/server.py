@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 ZERO_COPY_MIN = 64 * 1024  # READs this large from a file export go out with sendfile
 MAX_OPTION_DISCARD = 1 << 20  # longer option data than this closes the connection
 HANDSHAKE_TIMEOUT = 30.0
+SESSION_END_TIMEOUT = 2.0  # a closing session waits this long for its requests, then its socket
 KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
 
 
@@ -106,7 +107,9 @@ class NBDServer:
     `default_export` names the export a client gets when it asks for the
     empty name. `tls_context` is a server SSLContext (see `nbd.tls`); with it,
     `tls_mode` is ALLOW or REQUIRE. Start with `await start(host, port)`,
-    stop with `await close()`, which also ends open connections.
+    stop with `await close()`, which also ends open connections. Add an
+    export by setting `exports[name]`; take one away with
+    `await remove_export(name)`, which also ends the sessions open on it.
     """
 
     def __init__(self, exports: dict[str, Export], *, default_export: str | None = None,
@@ -127,7 +130,7 @@ class NBDServer:
         self._accepting: asyncio.Task | None = None
         self._server: asyncio.base_events.Server | None = None
         self._unix_servers: list = []
-        self._sessions: set[asyncio.Task] = set()
+        self._sessions: dict[asyncio.Task, _Session] = {}
         self._lock = threading.Lock()  # guards _sessions when workers run
         self.connections_served = 0
         self.payloads_spliced = 0  # WRITE payloads received with splice(2) (approximate with workers)
@@ -200,27 +203,42 @@ class NBDServer:
             self._server.close()
         for u in self._unix_servers:
             u.close()
+        await self._end_sessions(None)
         if self._workers:
-            await asyncio.gather(*(asyncio.wrap_future(w.submit(self._cancel_sessions())) for w in self._workers),
-                                 return_exceptions=True)
             for w in self._workers:
                 w.stop()
             self._workers = []
             return
-        for t in list(self._sessions):
-            t.cancel()
-        if self._sessions:
-            await asyncio.gather(*self._sessions, return_exceptions=True)
         if self._server:
             await self._server.wait_closed()
         for u in self._unix_servers:
             await u.wait_closed()
 
-    async def _cancel_sessions(self) -> None:
-        """Cancel and await the sessions running on the calling loop."""
+    async def remove_export(self, name: str) -> None:
+        """Stop offering export `name` and end every session open on it (in
+        transmission, or past its lookup in the handshake): their requests
+        in flight are cancelled, unanswered, and their connections closed.
+        When this returns none of them runs a request any more (bounded by
+        SESSION_END_TIMEOUT per session). Call it on the server's loop."""
+        export = self.exports.pop(name, None)
+        if export is not None:
+            await self._end_sessions(export)
+            log.info("export %s removed", name)
+
+    async def _end_sessions(self, export: Export | None) -> None:
+        """Cancel and await the sessions on `export` (None: all), on this loop
+        and on every worker's."""
+        if self._workers:
+            await asyncio.gather(*(asyncio.wrap_future(w.submit(self._end_local_sessions(export)))
+                                   for w in self._workers), return_exceptions=True)
+        await self._end_local_sessions(export)
+
+    async def _end_local_sessions(self, export: Export | None) -> None:
+        """Cancel and await the sessions on `export` (None: all) running on the calling loop."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            mine = [t for t in self._sessions if t.get_loop() is loop]
+            mine = [t for t, s in self._sessions.items()
+                    if t.get_loop() is loop and (export is None or s.export is export)]
         for t in mine:
             t.cancel()
         await asyncio.gather(*mine, return_exceptions=True)
@@ -233,11 +251,11 @@ class NBDServer:
     # ------------------------------------------------------------ connection
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, local: bool = False) -> None:
         task = asyncio.current_task()
-        with self._lock:
-            self._sessions.add(task)
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unix"
         s = _Session(peer, reader, writer, local=local)
+        with self._lock:
+            self._sessions[task] = s
         self.connections_served += 1
         try:
             try:
@@ -259,15 +277,21 @@ class NBDServer:
         except Exception:  # a bug must not take down other clients
             log.exception("%s: unexpected error, closing connection", peer)
         finally:
-            for t in list(s.tasks):
+            requests = list(s.tasks)
+            for t in requests:
                 t.cancel()
+            if requests:  # a cancelled request may still be unwinding (releasing locks)
+                await asyncio.wait(requests, timeout=SESSION_END_TIMEOUT)
             writer.close()
+            # in transmission the stream's protocol was replaced: its
+            # wait_closed() would never finish, the transmission one's `lost` does
+            closed = s.out.lost if s.out is not None else writer.wait_closed()
             try:
-                await asyncio.wait_for(writer.wait_closed(), 2)
+                await asyncio.wait_for(closed, SESSION_END_TIMEOUT)
             except (Exception, asyncio.CancelledError):
                 pass
             with self._lock:
-                self._sessions.discard(task)
+                self._sessions.pop(task, None)
 
     # ------------------------------------------------------------ handshake
     async def _handshake(self, s: _Session) -> None:
@@ -313,9 +337,9 @@ class NBDServer:
             export = self.lookup(name)
             if export is None:
                 raise _Close(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")
+            s.export = export  # before any await: remove_export sees the session from here on
             s.writer.write(codec.encode_export_name_reply(export.size, self._tflags(s, export), s.no_zeroes))
             await s.writer.drain()
-            s.export = export
             return True
         if self._tls_missing(s):
             await self._reply(s, option, Reply.ERR_TLS_REQD, b"TLS required")
@@ -371,6 +395,8 @@ class NBDServer:
         if export is None:
             await self._reply(s, option, Reply.ERR_UNKNOWN, f"no export named {req.name!r}".encode())
             return False
+        if option == Option.GO:
+            s.export = export  # before any await: remove_export sees the session from here on
         await self._reply(s, option, Reply.INFO, codec.encode_info_export(export.size, self._tflags(s, export)))
         for kind in set(req.requests):
             if kind == Info.BLOCK_SIZE:
@@ -383,10 +409,7 @@ class NBDServer:
                 continue
             await self._reply(s, option, Reply.INFO, payload)
         await self._reply(s, option, Reply.ACK)
-        if option == Option.GO:
-            s.export = export
-            return True
-        return False
+        return option == Option.GO
 
     @staticmethod
     def _tflags(s: _Session, export: Export) -> int:
@@ -589,6 +612,7 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
         self.pool = _BufferPool()
         self.payloads: dict[asyncio.Task, bytearray] = {}
         self.finished = asyncio.get_running_loop().create_future()
+        self.lost = asyncio.get_running_loop().create_future()  # done when the transport is gone
         self.splicer: splice.PayloadSplicer | None = None
         self.can_splice = self.sock_fd is not None and splice.available()
         self.splicing = False  # a payload is being spliced: the socket is the splicer's
@@ -635,6 +659,8 @@ class _TransmissionProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop(None)
+        if not self.lost.done():
+            self.lost.set_result(None)
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -15,7 +15,6 @@ other slot.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import uuid as uuidlib

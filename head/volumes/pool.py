@@ -1,7 +1,8 @@
 """A pool of thin volumes and copy-on-write snapshots on one block device.
 
 The pool owns the catalog (names, sizes, epochs), the segment mapping table,
-the free-segment allocator and the crash-consistent metadata store. Every
+the free-segment allocator and the crash-consistent metadata store; they sit
+in a `core.PoolCore`, which it shares with the devices it opens. Every
 management call (create, delete, resize, snapshot) is durable when it
 returns. Volume writes dirty metadata only when they place a new segment;
 `commit()` (a volume's flush, or a FUA write that placed one) makes data and
@@ -18,6 +19,7 @@ import numpy as np
 
 from opie.head.volumes.allocator import SegmentAllocator
 from opie.head.volumes.catalog import Catalog, validate_name
+from opie.head.volumes.core import PoolCore
 from opie.head.volumes.devices import BlockDevice
 from opie.head.volumes.errors import IntegrityError, NotFoundError, ValidationError
 from opie.head.volumes.layout import Geometry
@@ -44,17 +46,15 @@ def _validate_size(size: object) -> int:
 class Pool:
     """Use `await Pool.format(device)` or `await Pool.open(device)`."""
 
-    def __init__(self, device: BlockDevice, store: MetaStore, catalog: Catalog,
-                 table: SegmentTable, volumes: dict[str, VolumeState]) -> None:
-        self._dev = device
-        self._store = store
-        self._geo = store.geometry
-        self._catalog = catalog
-        self._table = table
-        self._alloc = SegmentAllocator([])
+    def __init__(self, core: PoolCore, volumes: dict[str, VolumeState]) -> None:
+        self._core = core
+        # the core's parts, which management uses throughout (never rebound)
+        self._dev = core.device
+        self._geo = core.geometry
+        self._catalog = core.catalog
+        self._table = core.table
+        self._alloc = core.alloc
         self._volumes = volumes
-        self._unsettled: set[int] = set()   # new segments whose mapping is not yet durable
-        self._commit_lock = asyncio.Lock()
         self._manage_lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------
@@ -72,9 +72,8 @@ class Pool:
         pages = [catalog.page_image(p) for p in range(geo.catalog_pages)]
         pages += [table.page_image(geo.catalog_pages + i) for i in range(geo.table_pages)]
         store = await MetaStore.create(device, geo, pages)
-        pool = cls(device, store, catalog, table, {})
-        pool._alloc = SegmentAllocator(table.build_index({}))
-        return pool
+        alloc = SegmentAllocator(table.build_index({}))
+        return cls(PoolCore(device, store, catalog, table, alloc), {})
 
     @classmethod
     async def open(cls, device: BlockDevice) -> Pool:
@@ -89,7 +88,6 @@ class Pool:
         for i in range(table.pages):
             table.load_page(geo.catalog_pages + i, pages[geo.catalog_pages + i])
         volumes = cls._volumes_from(catalog)
-        pool = cls(device, store, catalog, table, volumes)
         epochs = {}
         for vs in volumes.values():
             epoch = catalog.records[vs.slot].epoch
@@ -97,7 +95,8 @@ class Pool:
             if any(s >= epoch for s in snaps):
                 raise IntegrityError(f"volume {vs.name} epoch: expected > {max(snaps)}, got {epoch}")
             epochs[vs.id] = (epoch, snaps)
-        pool._alloc = SegmentAllocator(table.build_index(epochs))
+        alloc = SegmentAllocator(table.build_index(epochs))
+        pool = cls(PoolCore(device, store, catalog, table, alloc), volumes)
         log.info("opened pool %s: %d volumes, %d of %d segments free",
                  store.superblock.pool_uuid, len(volumes), pool._alloc.available,
                  geo.segment_count)
@@ -121,43 +120,13 @@ class Pool:
 
     async def close(self) -> None:
         """Commit, write the metadata in place, and stop."""
-        await self.commit()
-        async with self._commit_lock:
-            await self._store.close()
+        await self._core.close()
 
     # -- durability ------------------------------------------------------
     async def commit(self) -> None:
         """Make every write that returned before this call durable, with the
         mapping that points at it (data is flushed before the metadata)."""
-        async with self._commit_lock:
-            images = {p: self._table.page_image(p) for p in self._table.dirty_pages}
-            images.update({p: self._catalog.page_image(p) for p in self._catalog.dirty_pages})
-            self._table.dirty_pages.clear()
-            self._catalog.dirty_pages.clear()
-            frees = self._alloc.detach_pending()
-            settled = set(self._unsettled)
-            if not images:
-                self._alloc.give_back(frees)
-                await self._dev.flush()
-                return
-            try:
-                await self._store.commit(images)
-            except BaseException:
-                self._table.dirty_pages.update(p for p in images if p >= self._geo.catalog_pages)
-                self._catalog.dirty_pages.update(p for p in images if p < self._geo.catalog_pages)
-                self._alloc.defer(frees)
-                raise
-            self._alloc.give_back(frees)
-            self._unsettled -= settled
-
-    async def _reserve(self, n: int) -> list[int]:
-        """`n` free segments; commits first if freed ones are pending.
-        OSError(ENOSPC) if there are not enough."""
-        if n > self._alloc.available and self._alloc.pending:
-            await self.commit()
-        if n > self._alloc.available:
-            log.warning("pool full: a write needs %d segments, %d free", n, self._alloc.available)
-        return self._alloc.take(n)
+        await self._core.commit()
 
     # -- volumes ---------------------------------------------------------
     @property
@@ -220,14 +189,19 @@ class Pool:
         log.info("volume %s deleted", name)
 
     async def _delete_volume(self, vs: VolumeState) -> None:
+        """No writes in flight (the gate), and no reads of any segment it
+        maps (their locks): a read in flight finishes on the old mapping
+        before its segments can be reused; one queued for them finds the
+        volume deleted (ENODEV)."""
         async with vs.gate.frozen():
-            for snap in vs.snapshots.values():
-                snap.deleted = True
-                self._catalog.remove(snap.slot)
-            vs.deleted = True
-            self._catalog.remove(vs.slot)
-            self._alloc.defer(self._table.drop_volume(vs.id))
-            del self._volumes[vs.name]
+            async with vs.locks.hold(self._table.logicals(vs.id)):
+                for snap in vs.snapshots.values():
+                    snap.deleted = True
+                    self._catalog.remove(snap.slot)
+                vs.deleted = True
+                self._catalog.remove(vs.slot)
+                self._alloc.defer(self._table.drop_volume(vs.id))
+                del self._volumes[vs.name]
             await self.commit()
 
     async def resize_volume(self, name: str, size: int) -> VolumeInfo:
@@ -240,19 +214,26 @@ class Pool:
         return self._info(vs)
 
     async def _resize(self, vs: VolumeState, size: int) -> None:
+        """A shrink unmaps the segments beyond the new end under their locks
+        and sets the new size there too: a read in flight on them finishes
+        on the old mapping; one queued for them gets EINVAL."""
         seg = self.segment_size
         async with vs.gate.frozen():
             if size < vs.size:
                 if size % seg and self._table.visible(vs.id, size // seg) is not None:
                     tail = min(vs.size, -(-size // seg) * seg) - size
-                    await write_locked(self, vs, size, bytes(tail), False)
-                self._alloc.defer(self._table.truncate(vs.id, -(-size // seg)))
-            vs.size = size
+                    await write_locked(self._core, vs, size, bytes(tail), False)
+                end = -(-size // seg)
+                async with vs.locks.hold(lg for lg in self._table.lineages[vs.id].live if lg >= end):
+                    vs.size = size
+                    self._alloc.defer(self._table.truncate(vs.id, end))
+            else:
+                vs.size = size
             self._catalog.put(vs.slot, self._record(vs))
             await self.commit()
 
     def open_volume(self, name: str) -> VolumeDevice:
-        return VolumeDevice(self, self._volume(name))
+        return VolumeDevice(self._core, self._volume(name))
 
     # -- snapshots -------------------------------------------------------
     async def create_snapshot(self, volume: str, name: str) -> SnapshotInfo:
@@ -325,13 +306,13 @@ class Pool:
             end = b
             while missing >> end & 1:
                 end += 1
-            data = await read_chain(self, chain, b * sub, end * sub)
+            data = await read_chain(self._core, chain, b * sub, end * sub)
             await self._dev.write(self._geo.segment_offset(phys) + b * sub, data)
             b = end
 
     def open_snapshot(self, volume: str, name: str) -> SnapshotDevice:
         vs, snap = self._snapshot(volume, name)
-        return SnapshotDevice(self, vs, snap)
+        return SnapshotDevice(self._core, vs, snap)
 
     # -- backups ---------------------------------------------------------
     def _ranges(self, logicals: list[int], size: int) -> list[tuple[int, int]]:

@@ -20,14 +20,11 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from opie.head.volumes.core import PoolCore
 from opie.head.volumes.devices import check_range
 from opie.head.volumes.mapping import Chain, block_mask
 from opie.head.volumes.model import SnapshotState, VolumeState
-
-if TYPE_CHECKING:
-    from opie.head.volumes.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -69,43 +66,43 @@ def _runs(chain: Chain, first: int, last: int) -> list[tuple[int, int, int | Non
     return runs
 
 
-async def read_chain(pool: Pool, chain: Chain, lo: int, hi: int) -> bytes:
+async def read_chain(core: PoolCore, chain: Chain, lo: int, hi: int) -> bytes:
     """Bytes lo..hi-1 of a segment as `chain` resolves them."""
     if not chain:
         return bytes(hi - lo)
-    sub = pool._geo.block_size
+    sub = core.geometry.block_size
     parts = []
     for first, last, phys in _runs(chain, lo // sub, -(-hi // sub)):
         start, end = max(lo, first * sub), min(hi, last * sub)
         if phys is None:
             parts.append(bytes(end - start))
         else:
-            parts.append(await pool._dev.read(pool._geo.segment_offset(phys) + start, end - start))
+            parts.append(await core.device.read(core.geometry.segment_offset(phys) + start, end - start))
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-async def read_view(pool: Pool, vid: int, epoch: int | None, offset: int, length: int) -> bytes:
+async def read_view(core: PoolCore, vid: int, epoch: int | None, offset: int, length: int) -> bytes:
     """Bytes of a volume (epoch None) or of its snapshot at `epoch`; holes read
     as zeros. The caller holds the segment locks (see VolumeDevice.read)."""
-    seg = pool.segment_size
+    seg = core.segment_size
     pieces = split(offset, length, seg)
     if len(pieces) == 1:  # the common case: no assembly buffer
         logical, at, _, n = pieces[0]
-        return await read_chain(pool, pool._table.chain(vid, logical, epoch), at, at + n)
+        return await read_chain(core, core.table.chain(vid, logical, epoch), at, at + n)
     out = bytearray(length)
     for logical, at, done, n in pieces:
-        chain = pool._table.chain(vid, logical, epoch)
+        chain = core.table.chain(vid, logical, epoch)
         if chain:
-            out[done:done + n] = await read_chain(pool, chain, at, at + n)
+            out[done:done + n] = await read_chain(core, chain, at, at + n)
     return bytes(out)
 
 
-async def _edges(pool: Pool, source: Callable[[], Chain], bits: int, at: int,
+async def _edges(core: PoolCore, source: Callable[[], Chain], bits: int, at: int,
                  piece: bytes) -> tuple[int, bytes]:
     """(offset, buffer) to write so that every block `piece` at `at` touches is
     whole: the parts of edge blocks the piece misses come from the chain
     `source()` gives, unless `bits` says the target already holds that block."""
-    sub = pool._geo.block_size
+    sub = core.geometry.block_size
     end = at + len(piece)
     lo, hi = at - at % sub, -(-end // sub) * sub
     need_head = lo < at and not bits >> (lo // sub) & 1
@@ -113,15 +110,15 @@ async def _edges(pool: Pool, source: Callable[[], Chain], bits: int, at: int,
     if not need_head and not need_tail:
         return at, piece
     chain = source()
-    head = await read_chain(pool, chain, lo, at) if need_head else b""
-    tail = await read_chain(pool, chain, end, hi) if need_tail else b""
+    head = await read_chain(core, chain, lo, at) if need_head else b""
+    tail = await read_chain(core, chain, end, hi) if need_tail else b""
     return at - len(head), b"".join((head, piece, tail))
 
 
-async def write_locked(pool: Pool, vs: VolumeState, offset: int, data: bytes, fua: bool) -> None:
+async def write_locked(core: PoolCore, vs: VolumeState, offset: int, data: bytes, fua: bool) -> None:
     """The write path; the caller holds the volume's write gate."""
-    seg = pool.segment_size
-    table = pool._table
+    seg = core.segment_size
+    table = core.table
     pieces = split(offset, len(data), seg)
     async with vs.locks.hold(p[0] for p in pieces):
         plan = []
@@ -131,12 +128,12 @@ async def write_locked(pool: Pool, vs: VolumeState, offset: int, data: bytes, fu
             in_place = phys is not None and not table.shared(vs.id, phys)
             fresh_needed += not in_place
             plan.append((logical, at, done, n, phys, in_place))
-        fresh = await pool._reserve(fresh_needed)
+        fresh = await core.reserve(fresh_needed)
         placed: list[tuple[int, int, int, bool]] = []   # logical, new, bits, read-through
         filled: list[tuple[int, int]] = []               # partial version, bits it gains
         # a FUA piece whose segment's mapping is not yet durable needs a commit
         needs_commit = fua and fresh_needed > 0
-        sub = pool._geo.block_size
+        sub = core.geometry.block_size
         try:
             for logical, at, done, n, phys, in_place in plan:
                 piece = data[done:done + n]
@@ -144,33 +141,33 @@ async def write_locked(pool: Pool, vs: VolumeState, offset: int, data: bytes, fu
                 if in_place and phys is not None:
                     bits = table.bits(phys)
                     if bits & touched == touched:
-                        unsettled = phys in pool._unsettled
+                        unsettled = phys in core.unsettled
                         needs_commit |= fua and unsettled
-                        await pool._dev.write(pool._geo.segment_offset(phys) + at, piece,
+                        await core.device.write(core.geometry.segment_offset(phys) + at, piece,
                                               fua=fua and not unsettled)
                         continue
-                    start, buf = await _edges(pool, lambda: table.chain_from(
+                    start, buf = await _edges(core, lambda: table.chain_from(
                         vs.id, logical, table.below(vs.id, logical, phys)), bits, at, piece)
-                    await pool._dev.write(pool._geo.segment_offset(phys) + start, buf)
+                    await core.device.write(core.geometry.segment_offset(phys) + start, buf)
                     filled.append((phys, touched))
                     needs_commit |= fua
                     continue
                 new = fresh[len(placed)]
-                start, buf = await _edges(pool, lambda: table.chain_from(vs.id, logical, phys),
+                start, buf = await _edges(core, lambda: table.chain_from(vs.id, logical, phys),
                                           0, at, piece)
-                await pool._dev.write(pool._geo.segment_offset(new) + start, buf)
+                await core.device.write(core.geometry.segment_offset(new) + start, buf)
                 placed.append((logical, new, touched, phys is not None))
         except BaseException:
-            pool._alloc.give_back(fresh)
+            core.alloc.give_back(fresh)
             raise
         for logical, new, bits, backed in placed:
-            pool._alloc.defer(table.place(vs.id, logical, new, bits, backed))
-            pool._unsettled.add(new)
+            core.alloc.defer(table.place(vs.id, logical, new, bits, backed))
+            core.unsettled.add(new)
         for phys, bits in filled:
             if table.fill(phys, bits):
-                pool._unsettled.add(phys)
+                core.unsettled.add(phys)
     if needs_commit:
-        await pool.commit()
+        await core.commit()
 
 
 class VolumeDevice:
@@ -186,8 +183,8 @@ class VolumeDevice:
     can_trim = True
     can_zero = True
 
-    def __init__(self, pool: Pool, state: VolumeState) -> None:
-        self._pool = pool
+    def __init__(self, core: PoolCore, state: VolumeState) -> None:
+        self._core = core
         self._vs = state
 
     @property
@@ -207,50 +204,57 @@ class VolumeDevice:
             raise OSError(errno.ENODEV, f"volume {self._vs.name} was deleted")
         return self._vs
 
-    async def read(self, offset: int, length: int) -> bytes:
-        """Under the segment locks, so a segment cannot be trimmed and reused
-        while it is being read; a read sees a concurrent write wholly or not
-        at all, per segment."""
+    def _check(self, offset: int, length: int) -> VolumeState:
+        """The volume, if it exists and [offset, offset+length) lies inside it:
+        checked when a request arrives and again once it holds the gate or
+        its segment locks, since a delete (ENODEV) or shrink (EINVAL) that
+        held them first may have changed the answer."""
         vs = self._live()
         check_range(vs.size, offset, length)
-        async with vs.locks.hold(p[0] for p in split(offset, length, self._pool.segment_size)):
-            return await read_view(self._pool, vs.id, None, offset, length)
+        return vs
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Under the segment locks, so a segment cannot be trimmed, shrunk
+        away or deleted and then reused while it is being read; a read sees a
+        concurrent write wholly or not at all, per segment."""
+        vs = self._check(offset, length)
+        async with vs.locks.hold(p[0] for p in split(offset, length, self._core.segment_size)):
+            self._check(offset, length)
+            return await read_view(self._core, vs.id, None, offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write `data`; durable on return if `fua`. OSError(ENOSPC) when the
         pool cannot place it, with nothing written."""
-        vs = self._live()
-        check_range(vs.size, offset, len(data))
+        vs = self._check(offset, len(data))
         async with vs.gate.writer():
-            self._live()
-            await write_locked(self._pool, vs, offset, data, fua)
+            self._check(offset, len(data))
+            await write_locked(self._core, vs, offset, data, fua)
 
     async def flush(self) -> None:
         """Every write that returned before this call is durable on return."""
         self._live()
-        await self._pool.commit()
+        await self._core.commit()
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Discard a range: whole segments are unmapped (space comes back after
         the next commit), partial ones zeroed. The range reads as zeros."""
-        vs = self._live()
-        check_range(vs.size, offset, length)
-        pool = self._pool
-        seg = pool.segment_size
+        vs = self._check(offset, length)
+        core = self._core
+        seg = core.segment_size
         async with vs.gate.writer():
-            self._live()
+            self._check(offset, length)
             pieces = split(offset, length, seg)
             # whole segments, counting a last segment the volume ends inside
             whole = [lg for lg, at, done, n in pieces
                      if n == seg or (at == 0 and offset + done + n == vs.size)]
             async with vs.locks.hold(whole):
                 for logical in whole:
-                    pool._alloc.defer(pool._table.unmap(vs.id, logical))
+                    core.alloc.defer(core.table.unmap(vs.id, logical))
             for logical, at, done, n in pieces:
-                if logical not in whole and pool._table.visible(vs.id, logical) is not None:
-                    await write_locked(pool, vs, offset + done, bytes(n), False)
+                if logical not in whole and core.table.visible(vs.id, logical) is not None:
+                    await write_locked(core, vs, offset + done, bytes(n), False)
         if fua:
-            await pool.commit()
+            await core.commit()
 
     async def write_zeroes(self, offset: int, length: int, fua: bool = False,
                            may_trim: bool = True) -> None:
@@ -261,21 +265,23 @@ class VolumeDevice:
 
     async def cache(self, offset: int, length: int) -> None:
         """Nothing to prefetch into."""
-        check_range(self._live().size, offset, length)
+        self._check(offset, length)
 
 
 class SnapshotDevice:
     """A snapshot as a read-only block device (and NBD export, named
-    VOLUME@SNAPSHOT); writes raise OSError(EROFS). Reads of a snapshot being
-    deleted may return garbage; close its exports before deleting it."""
+    VOLUME@SNAPSHOT); writes raise OSError(EROFS). A read in flight when the
+    snapshot is deleted completes on the old mapping (the delete waits for
+    it); one that starts or is still queued for its segments then raises
+    OSError(ENODEV)."""
 
     read_only = True
     can_multi_conn = True
     can_trim = False
     can_zero = False
 
-    def __init__(self, pool: Pool, volume: VolumeState, snapshot: SnapshotState) -> None:
-        self._pool = pool
+    def __init__(self, core: PoolCore, volume: VolumeState, snapshot: SnapshotState) -> None:
+        self._core = core
         self._vs = volume
         self._snap = snapshot
 
@@ -291,15 +297,21 @@ class SnapshotDevice:
     def size(self) -> int:
         return self._snap.size
 
-    async def read(self, offset: int, length: int) -> bytes:
+    def _live(self) -> SnapshotState:
         if self._snap.deleted:
             raise OSError(errno.ENODEV, f"snapshot {self.name} was deleted")
-        check_range(self._snap.size, offset, length)
-        # under the volume's segment locks: deleting another snapshot may free
-        # a version this one reads through to (see Pool.delete_snapshot)
+        return self._snap
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Under the volume's segment locks: deleting a snapshot frees versions
+        this one may read (or read through to) only under them (see
+        Pool.delete_snapshot). `deleted` is checked again once the locks are
+        held, since a delete may have gone first and dropped this epoch."""
+        check_range(self._live().size, offset, length)
         async with self._vs.locks.hold(p[0] for p in split(offset, length,
-                                                           self._pool.segment_size)):
-            return await read_view(self._pool, self._vs.id, self._snap.epoch, offset, length)
+                                                           self._core.segment_size)):
+            snap = self._live()
+            return await read_view(self._core, self._vs.id, snap.epoch, offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         raise OSError(errno.EROFS, f"snapshot {self.name} is read-only")
