@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 MAGIC = "opie-head"
 VERSION = 1
 FILENAME = "head.json"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 
 
 class ConfigError(ValueError):
@@ -97,7 +97,7 @@ class HeadConfig:
     isus: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> "HeadConfig":
-        if not NAME.match(self.name):
+        if not NAME.fullmatch(self.name):
             raise ConfigError(f"name: {self.name!r} must be 1-32 of [A-Za-z0-9_-]")
         if self.role not in ("active", "passive"):
             raise ConfigError(f"role: expected 'active' or 'passive', got {self.role!r}")
@@ -119,7 +119,7 @@ class HeadConfig:
             raise ConfigError(f"chunk_size: expected a power of two >= 4096, got {self.chunk_size}")
         names = set()
         for v in self.volumes:
-            if not NAME.match(v.name):
+            if not NAME.fullmatch(v.name):
                 raise ConfigError(f"volumes: name {v.name!r} must be 1-32 of [A-Za-z0-9_-]")
             if v.name in names:
                 raise ConfigError(f"volumes: {v.name} listed twice")

@@ -27,13 +27,13 @@ from opie.shares.errors import ValidationErrors
 
 log = logging.getLogger(__name__)
 
-SHARE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SHARE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+VOLUME_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Debian's NAME_REGEX, without the trailing '$' machine accounts.
-ACCOUNT_NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-PATH_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}$")
-ABS_PATH_RE = re.compile(r"^(/[A-Za-z0-9._+-]+)+/?$")
-COMMENT_RE = re.compile(r"^[A-Za-z0-9 ._,:()/+-]{0,80}$")
+ACCOUNT_NAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+PATH_COMPONENT_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}")
+ABS_PATH_RE = re.compile(r"(/[A-Za-z0-9._+-]+)+/?")
+COMMENT_RE = re.compile(r"[A-Za-z0-9 ._,:()/+-]{0,80}")
 RESERVED_SHARE_NAMES = frozenset({"global", "homes", "printers", "print$", "ipc$"})
 MAX_EXPORT_ID = 65535  # Ganesha's Export_Id is a uint16; 0 is the pseudo root.
 
@@ -136,8 +136,13 @@ class Share:
                    **lists, **flags)
 
 
+def _printable(name: Any) -> str:
+    """`name` as it may appear in an error message: itself if valid, else its repr (one line)."""
+    return name if isinstance(name, str) and SHARE_NAME_RE.fullmatch(name) else repr(name)
+
+
 def _check_account(errors: ValidationErrors, field_name: str, value: str, what: str) -> None:
-    if not ACCOUNT_NAME_RE.match(value):
+    if not ACCOUNT_NAME_RE.fullmatch(value):
         errors.add(field_name, f"{value!r} is not a valid {what} name "
                    "(lower-case letters, digits, '_' and '-', starting with a letter or '_', "
                    "at most 32)")
@@ -152,9 +157,9 @@ def check_account_name(name: str, field_name: str = "user") -> None:
 
 def check_volume_root(name: str, mountpoint: str, errors: ValidationErrors) -> None:
     """Add errors for a volume name or mountpoint that could not go into a config file."""
-    if not VOLUME_NAME_RE.match(name):
+    if not VOLUME_NAME_RE.fullmatch(name):
         errors.add(f"volumes.{name}", "volume names are letters, digits, '.', '_' and '-'")
-    if not isinstance(mountpoint, str) or not ABS_PATH_RE.match(mountpoint) or \
+    if not isinstance(mountpoint, str) or not ABS_PATH_RE.fullmatch(mountpoint) or \
             any(part == ".." for part in mountpoint.split("/")):
         errors.add(f"volumes.{name}", f"mountpoint {mountpoint!r} must be an absolute path of "
                    "letters, digits, '.', '_', '+' and '-' without '..'")
@@ -163,7 +168,7 @@ def check_volume_root(name: str, mountpoint: str, errors: ValidationErrors) -> N
 def share_errors(share: Share, volumes: Mapping[str, str]) -> ValidationErrors:
     """All problems of one share on its own, by field (empty when valid)."""
     errors = ValidationErrors()
-    if not isinstance(share.name, str) or not SHARE_NAME_RE.match(share.name):
+    if not isinstance(share.name, str) or not SHARE_NAME_RE.fullmatch(share.name):
         errors.add("name", f"{share.name!r} is not a valid share name (letters, digits, '.', "
                    "'_' and '-', starting with a letter or digit, at most 64)")
     elif share.name.lower() in RESERVED_SHARE_NAMES:
@@ -175,7 +180,7 @@ def share_errors(share: Share, volumes: Mapping[str, str]) -> ValidationErrors:
         errors.add("path", "must be relative to the volume, not absolute")
     elif any(p == ".." for p in parts):
         errors.add("path", "must not leave the volume ('..')")
-    elif not all(PATH_COMPONENT_RE.match(p) for p in parts) or "\n" in share.path:
+    elif not all(PATH_COMPONENT_RE.fullmatch(p) for p in parts) or "\n" in share.path:
         errors.add("path", f"{share.path!r}: path components are letters, digits, '.', '_', "
                    "'+' and '-', not starting with '.'")
     elif share.volume in volumes:
@@ -201,7 +206,7 @@ def share_errors(share: Share, volumes: Mapping[str, str]) -> ValidationErrors:
         errors.add("networks", "client networks apply to NFS shares only")
     if share.export_id is not None and not 1 <= share.export_id <= MAX_EXPORT_ID:
         errors.add("export_id", f"must be between 1 and {MAX_EXPORT_ID}")
-    if not isinstance(share.comment, str) or not COMMENT_RE.match(share.comment):
+    if not isinstance(share.comment, str) or not COMMENT_RE.fullmatch(share.comment):
         errors.add("comment", "at most 80 of letters, digits, spaces and . _ , : ( ) / + -")
     return errors
 
@@ -266,7 +271,7 @@ class ShareTable:
         seen: dict[str, str] = {}
         ids: dict[int, str] = {}
         for share in self.shares:
-            prefix = f"shares.{share.name}."
+            prefix = f"shares.{_printable(share.name)}."
             errors.extend(share_errors(share, self.volumes), prefix)
             key = share.name.lower() if isinstance(share.name, str) else ""
             if key in seen:

@@ -54,9 +54,9 @@ class SmbSettings:
         check_endpoint(errors, self.bind_address, self.port, self.state_dir)
         for key in ("netbios_name", "workgroup"):
             value = getattr(self, key)
-            if not PATH_COMPONENT_RE.match(value) or len(value) > 15 or "." in value:
+            if not PATH_COMPONENT_RE.fullmatch(value) or len(value) > 15 or "." in value:
                 errors.add(key, f"{value!r}: at most 15 letters, digits, '_' and '-'")
-        if not re.match(r"^[A-Za-z0-9._+-]{1,255}$", self.snapdir) or self.snapdir in (".", ".."):
+        if not re.fullmatch(r"[A-Za-z0-9._+-]{1,255}", self.snapdir) or self.snapdir in (".", ".."):
             errors.add("snapdir", f"{self.snapdir!r} must be one plain directory name")
         if not isinstance(self.log_level, int) or not 0 <= self.log_level <= 10:
             errors.add("log_level", "must be 0..10")
