@@ -1,6 +1,6 @@
-"""Name checks accept exactly the names they describe: a trailing newline
-(which `re.match` with `$` lets through) is refused, naming the field, and
-nothing is created or written (issue 9, 3.5)."""
+"""Bad config input is refused naming the field, and nothing is created or
+written (issue 9): names with a trailing newline (which `re.match` with `$`
+lets through, 3.5), numbers of the wrong type in head.json (3.6)."""
 from __future__ import annotations
 
 import json
@@ -41,3 +41,22 @@ def test_isu_disk_named_with_a_newline_is_refused(tmp_path: Path) -> None:
         Disk(DiskSpec(str(path), 1 << 20))
     assert "export name" in str(info.value)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"chunk_size": "65536"}, "chunk_size"),
+    ({"chunk_size": 65536.0}, "chunk_size"),
+    ({"chunk_size": None}, "chunk_size"),
+    ({"rebuild_rate": "fast"}, "rebuild_rate"),
+    ({"members": [], "discover": True, "cluster_id": "c1", "discover_members": "4"}, "discover_members"),
+    ({"discover": True, "cluster_id": "c1", "discover_timeout": "long"}, "discover_timeout"),
+    ({"lease_secs": "3600"}, "lease_secs"),
+    ({"lease_prefixlen": 33}, "lease_prefixlen"),
+])
+def test_head_config_numbers_of_the_wrong_type_are_config_errors(tmp_path: Path, changes: dict,
+                                                                 field: str) -> None:
+    """A number field holding a string, float or null is a ConfigError naming it, not a TypeError."""
+    (tmp_path / head_config.FILENAME).write_text(json.dumps(head_json(**changes)))
+    with pytest.raises(ConfigError) as info:
+        head_config.load(tmp_path)
+    assert f": {field}: " in str(info.value)
