@@ -261,3 +261,31 @@ def test_pool_never_double_leases(tmp_path_factory: pytest.TempPathFactory,
             assert len(values) == len(set(values)), (key, live)
         assert all(IP(x.address) in parse_pool("10.0.0.10-13") for x in pool.leases())
         assert load_leases(str(tmp / "leases.json")) == pool.leases()
+
+
+# -- replay ---------------------------------------------------------------------
+
+def test_a_replayed_correctly_signed_message_is_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A REQUEST captured off the segment and sent again (at once, or after its lease
+    expired) is refused without an answer, and the leases file stays byte-identical;
+    only the transaction id, which the sender chooses, guarded against that before."""
+    import time
+    clock = Clock()
+    clock.now = time.time()  # messages are stamped with the wall clock; the server reads the pool's
+    pool = make_pool(tmp_path, clock=clock)
+    server = LeaseServer(pool, TOKEN, "eth0", head=("10.0.0.1", 8080))
+    offer = server.handle(encode(LeaseMessage(Kind.HELLO, 9, A, MAC_A), TOKEN), SENDER)
+    assert offer is not None and offer.kind is Kind.OFFER
+    captured = encode(request(A, MAC_A, str(offer.address), xid=9), TOKEN)
+    ack = server.handle(captured, SENDER)
+    assert ack is not None and ack.kind is Kind.ACK
+    path = tmp_path / "leases.json"
+    before = path.read_bytes()
+    caplog.set_level(logging.WARNING, logger="opie.discovery.lease_server")
+    assert server.handle(captured, SENDER) is None            # replayed at once
+    clock.now += 3600                                          # A's lease of 100 s has expired
+    assert server.handle(captured, SENDER) is None            # replayed to take the address back
+    assert path.read_bytes() == before
+    assert server.refusals == 2
+    assert sum("replay" in r.getMessage() for r in caplog.records) == 2
