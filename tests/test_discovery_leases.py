@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from opie.discovery.lease_pool import IntegrityError, LeasePool, LeaseRefused, load_leases, parse_pool
 from opie.discovery.lease_proto import (MESSAGE_LEN, BadSignature, Kind, LeaseMessage, LeaseProtocolError,
-                                   MalformedMessage, NakReason, decode, encode)
+                                        MalformedMessage, NakReason, ReplayedMessage, decode, encode)
+from opie.discovery.lease_replay import ReplayGuard
 from opie.discovery.lease_server import LeaseServer
 
 TOKEN = b"cluster-token-for-tests"
@@ -56,8 +57,10 @@ def test_another_clusters_token_is_a_bad_signature() -> None:
     (b"", MalformedMessage),
     (b"OPLS\x01\x01", MalformedMessage),
     (b"XXXX" + bytes(MESSAGE_LEN - 4), MalformedMessage),
-    (b"OPLS\x02" + bytes(MESSAGE_LEN - 5), MalformedMessage),     # version 2
-    (b"OPLS\x01" + bytes(MESSAGE_LEN - 5), BadSignature),         # right shape, no tag
+    (b"OPLS\x03" + bytes(MESSAGE_LEN - 5), MalformedMessage),     # version 3
+    (b"OPLS\x01" + bytes(MESSAGE_LEN - 5), MalformedMessage),     # version 1: no stamp, no nonce
+    (b"OPLS\x01" + bytes(63), MalformedMessage),                  # a whole version-1 datagram
+    (b"OPLS\x02" + bytes(MESSAGE_LEN - 5), BadSignature),         # right shape, no tag
     (bytes(MESSAGE_LEN + 1), MalformedMessage),
 ])
 def test_malformed_datagrams_are_refused(data: bytes, error: type[Exception]) -> None:
@@ -289,3 +292,21 @@ def test_a_replayed_correctly_signed_message_is_refused(
     assert path.read_bytes() == before
     assert server.refusals == 2
     assert sum("replay" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_replay_guard_window_and_seen_set() -> None:
+    """Fresh and new: accepted once. Too old, too far ahead, or a nonce seen in the window: refused.
+    A nonce is forgotten once it is out of the window (the window refuses it by then)."""
+    clock = Clock()
+    guard = ReplayGuard(window=30, clock=clock)
+
+    def stamped(at: float, nonce: bytes) -> LeaseMessage:
+        return decode(encode(LeaseMessage(Kind.HELLO, 1, A, MAC_A), TOKEN, now=at, nonce=nonce), TOKEN)
+    guard.check(stamped(clock.now - 29, b"n1" * 4))
+    for msg in (stamped(clock.now - 29, b"n1" * 4), stamped(clock.now - 31, b"n2" * 4),
+                stamped(clock.now + 31, b"n3" * 4)):
+        with pytest.raises(ReplayedMessage):
+            guard.check(msg)
+    guard.check(stamped(clock.now + 29, b"n3" * 4))   # a refused message was not recorded
+    clock.now += 100
+    guard.check(stamped(clock.now, b"n1" * 4))        # same nonce, fresh stamp, long after: accepted
