@@ -250,3 +250,16 @@ def test_cli_share_add_refuses_a_trailing_newline(tmp_path: Path, capsys: pytest
     assert err.startswith("opie: ") and f"{field}: " in err and err.count("\n") == 1, err
     assert Path(config).read_bytes() == before
     assert write_config(settings, load_table(Path(config))).read_bytes() == conf
+
+
+def test_the_resolved_directory_is_rendered(tmp_path: Path) -> None:
+    """A share reached through a symlink inside its volume is rendered as the real directory,
+    so swapping that symlink later cannot move what smbd serves."""
+    vol = tmp_path / "vol"
+    (vol / "real" / "docs").mkdir(parents=True)
+    (vol / "link").symlink_to("real")
+    table = ShareTable({"v": str(vol)}).with_share(Share("docs", "v", "link/docs")).validate()
+    settings = smb.SmbSettings(state_dir=str(tmp_path / "smb"), port=4450)
+    text = write_config(settings, table).read_text()
+    assert f"\tpath = {vol}/real/docs\n" in text
+    assert "link" not in text
