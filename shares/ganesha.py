@@ -4,7 +4,8 @@
 bus address), optionally rpcbind (NFSv3), then
 `ganesha.nfsd -F -L LOG -f CONF -p PIDFILE`, all optionally inside a
 network namespace (`ip netns exec NS`, which execs, so the pids are the
-servers'). `apply` rewrites the config and then removes, re-adds and adds
+servers'). Share paths are resolved and re-checked each time ganesha.conf is
+written (`ShareTable.resolved`). `apply` rewrites the config and then removes, re-adds and adds
 exports one by one with ExportMgr.RemoveExport / AddExport: exports whose
 block did not change are never touched, so their clients stay connected.
 A changed export is removed and added again (its clients see a short
@@ -102,6 +103,7 @@ class GaneshaRunner(ServerRunner):
         """Write ganesha.conf and start the servers; returns once NFS and D-Bus answer."""
         if self.running:
             raise CallError(f"ganesha: already running as pid {self.pid}", errno.EEXIST)
+        table = table.resolved()
         (self.state / "recovery").mkdir(parents=True, exist_ok=True)
         write_atomic(self.settings.conf_path, render(table, self.settings))
         try:
@@ -137,6 +139,7 @@ class GaneshaRunner(ServerRunner):
         """Move the running Ganesha to `table`, touching only exports that changed."""
         if not self.running:
             raise CallError("ganesha: not running", errno.ESRCH)
+        table = table.resolved()
         conf = self.settings.conf_path
         write_atomic(conf, render(table, self.settings))
         wanted = self._render_exports(table)

@@ -3,9 +3,13 @@
 A `Share` names a directory inside a volume and says who may reach it over
 which protocol. A `ShareTable` is every share plus where each volume is
 mounted: it is the whole input of the renderers, so rendering is a pure
-function of it. Nothing in this module touches a server; `validate()` only
-reads the file system to resolve symlinks (a path that escapes its volume
-through a symlink is rejected like one that escapes with '..').
+function of it. Nothing in this module touches a server; `validate()` and
+`resolved()` only read the file system to resolve symlinks (a path that
+escapes its volume through a symlink is rejected like one that escapes with
+'..'). Whoever writes a config file renders `table.resolved()`, taken just
+before the write: a share user may swap a directory for a symlink at any
+time after validation, so the check is repeated where the path is rendered,
+and the real directory, not the symlink, goes into the config.
 
 Every string that ends up in smb.conf or ganesha.conf is checked against a
 narrow character set here, so the renderers never need to escape anything:
@@ -165,6 +169,16 @@ def check_volume_root(name: str, mountpoint: str, errors: ValidationErrors) -> N
                    "letters, digits, '.', '_', '+' and '-' without '..'")
 
 
+def resolve_directory(mountpoint: str, parts: list[str]) -> tuple[str, str]:
+    """(real volume root, real directory) of `parts` below `mountpoint`, symlinks resolved now."""
+    root = os.path.realpath(mountpoint)
+    return root, os.path.realpath(os.path.join(root, *parts))
+
+
+def inside(root: str, target: str) -> bool:
+    return target == root or target.startswith(root + os.sep)
+
+
 def share_errors(share: Share, volumes: Mapping[str, str]) -> ValidationErrors:
     """All problems of one share on its own, by field (empty when valid)."""
     errors = ValidationErrors()
@@ -184,9 +198,8 @@ def share_errors(share: Share, volumes: Mapping[str, str]) -> ValidationErrors:
         errors.add("path", f"{share.path!r}: path components are letters, digits, '.', '_', "
                    "'+' and '-', not starting with '.'")
     elif share.volume in volumes:
-        root = os.path.realpath(volumes[share.volume])
-        target = os.path.realpath(os.path.join(root, *parts))
-        if target != root and not target.startswith(root + os.sep):
+        root, target = resolve_directory(volumes[share.volume], parts)
+        if not inside(root, target):
             errors.add("path", f"{share.path!r} resolves to {target}, outside volume "
                        f"{share.volume!r}")
     for user in share.users:
@@ -211,6 +224,10 @@ def share_errors(share: Share, volumes: Mapping[str, str]) -> ValidationErrors:
     return errors
 
 
+def _parts(path: str) -> list[str]:
+    return [p for p in path.split("/") if p]
+
+
 @dataclass(frozen=True)
 class ShareTable:
     """Every share plus the mountpoint of every volume: the input of `render`.
@@ -231,8 +248,7 @@ class ShareTable:
 
     def directory(self, share: Share) -> Path:
         """The absolute directory served for `share` (valid table assumed)."""
-        parts = [p for p in share.path.split("/") if p]
-        return Path(self.volumes[share.volume], *parts)
+        return Path(self.volumes[share.volume], *_parts(share.path))
 
     def smb_shares(self) -> list[Share]:
         return sorted((s for s in self.shares if s.smb), key=lambda s: s.name.lower())
@@ -291,6 +307,29 @@ class ShareTable:
         """Return self, or raise ValidationErrors listing every problem by field."""
         self.errors().check()
         return self
+
+    def resolved(self) -> "ShareTable":
+        """This table with every mountpoint and share path resolved as the file system is now.
+
+        Call it right before rendering a config file, and render what it returns.
+        Raises ValidationErrors ('shares.NAME.path') for a share whose directory
+        now resolves outside its volume, or for any other problem of the table.
+        """
+        self.validate()
+        volumes = {name: os.path.realpath(mp) for name, mp in self.volumes.items()}
+        errors = ValidationErrors()
+        shares = []
+        for share in self.shares:
+            root, target = resolve_directory(volumes[share.volume], _parts(share.path))
+            if not inside(root, target):
+                log.error("share %s: %s now resolves outside volume %s; not rendered",
+                          share.name, share.path, share.volume)
+                errors.add(f"shares.{share.name}.path", f"{share.path!r} now resolves outside "
+                           f"volume {share.volume!r} (a symlink?); the share is not served there")
+                continue
+            shares.append(replace(share, path=os.path.relpath(target, root) if target != root else ""))
+        errors.check()
+        return ShareTable(volumes, tuple(shares)).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return {"volumes": dict(self.volumes), "shares": [s.to_dict() for s in self.shares]}

@@ -26,11 +26,15 @@ log = logging.getLogger(__name__)
 
 
 def write_config(settings: SmbSettings, table: ShareTable) -> Path:
-    """Create the state dirs and (re)write smb.conf for `table`; returns its path."""
+    """Create the state dirs and (re)write smb.conf for `table`; returns its path.
+
+    Share paths are resolved and re-checked here (`ShareTable.resolved`):
+    ValidationErrors, and smb.conf unchanged, if one now leads out of its volume."""
+    text = render(table.resolved(), settings)
     for sub in STATE_SUBDIRS:
         Path(settings.state_dir, sub).mkdir(parents=True, exist_ok=True)
     os.chmod(Path(settings.state_dir, "private"), 0o700)
-    write_atomic(settings.conf_path, render(table, settings))
+    write_atomic(settings.conf_path, text)
     return settings.conf_path
 
 
