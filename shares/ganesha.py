@@ -1,4 +1,5 @@
-"""Lifecycle of ganesha.nfsd as a child process, exports changed over D-Bus.
+"""Lifecycle of ganesha.nfsd as a child process, exports changed over D-Bus, and
+`NfsKind`, the NFS entry of the share-kind registry.
 
 `start` writes ganesha.conf, starts a private dbus-daemon (unless given a
 bus address), optionally rpcbind (NFSv3), then
@@ -17,12 +18,13 @@ import errno
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from opie.shares import dbus_bus
-from opie.shares.base import ServerRunner
+from opie.shares.base import ServerRunner, ShareKind
 from opie.shares.errors import CallError
 from opie.shares.files import write_atomic
-from opie.shares.model import ShareTable
+from opie.shares.model import Protocol, ShareTable
 from opie.shares.nfs import NfsSettings, render, render_export
 from opie.shares.process import Child, Launcher, ServerProcess, wait_for
 
@@ -163,3 +165,16 @@ class GaneshaRunner(ServerRunner):
         if self.bus is not None:
             self.bus.stop()
         self.exports = {}
+
+
+class NfsKind(ShareKind):
+    """NFS through ganesha.nfsd: ganesha.conf from `shares.nfs`, the server from `GaneshaRunner`."""
+
+    protocol = Protocol.NFS
+    settings: NfsSettings
+
+    def render(self, table: ShareTable) -> str:
+        return render(table, self.settings)
+
+    def runner(self, **options: Any) -> ServerRunner:
+        return GaneshaRunner(self.settings, **options)

@@ -5,7 +5,8 @@ state, cache, pid and ncalrpc dirs, and the tdbsam passdb), so several
 smbds can run on one host on different ports. "Previous Versions" uses
 shadow_copy2 with snapshots of the whole volume mounted read-only at
 `<volume mountpoint>/<snapdir>/@GMT-YYYY.MM.DD-HH.MM.SS` (see
-`shares.snapshots`); every share on that volume sees them.
+`shares.snapshots`); every share on that volume sees them. The server's
+lifecycle and the registry entry (`SmbKind`) live in `shares.smbd`.
 """
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from opie.shares.base import ServerRunner, ShareKind, check_endpoint
+from opie.shares.base import check_endpoint
 from opie.shares.errors import ValidationErrors
-from opie.shares.model import PATH_COMPONENT_RE, Protocol, Share, ShareTable
+from opie.shares.model import PATH_COMPONENT_RE, Share, ShareTable
 from opie.shares.snapshots import GMT_FORMAT
 
 log = logging.getLogger(__name__)
@@ -138,17 +138,3 @@ def render(table: ShareTable, settings: SmbSettings) -> str:
              render_global(settings, any(s.guest_ok for s in shares))]
     parts += [render_share(s, table, settings) for s in shares]
     return "\n".join(parts)
-
-
-class SmbKind(ShareKind):
-    """SMB through smbd."""
-
-    protocol = Protocol.SMB
-    settings: SmbSettings
-
-    def render(self, table: ShareTable) -> str:
-        return render(table, self.settings)
-
-    def runner(self, **options: Any) -> ServerRunner:
-        from opie.shares.smbd import SmbdRunner
-        return SmbdRunner(self.settings, **options)

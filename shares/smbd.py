@@ -1,4 +1,5 @@
-"""Lifecycle of smbd as a child process (the lab; systemd hosts use shares.systemd).
+"""Lifecycle of smbd as a child process (the lab; systemd hosts use shares.systemd),
+and `SmbKind`, the SMB entry of the share-kind registry.
 
 smbd runs as `smbd --foreground --debug-stdout -s CONF` in its own process
 group (smbd makes one; never `--no-process-group`, with which SIGTERM hits
@@ -13,11 +14,12 @@ import errno
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
-from opie.shares.base import ServerRunner
+from opie.shares.base import ServerRunner, ShareKind
 from opie.shares.errors import CallError
 from opie.shares.files import write_atomic
-from opie.shares.model import ShareTable
+from opie.shares.model import Protocol, ShareTable
 from opie.shares.process import (Child, Launcher, ServerProcess, cmdline, pid_alive, run, stop_pid,
                             stop_pidfile, tcp_open, wait_for)
 from opie.shares.smb import STATE_SUBDIRS, SmbSettings, render
@@ -100,3 +102,16 @@ class SmbdRunner(ServerRunner):
             stop_pid(pid, "samba rpc helper")
         wait_for(lambda: not any(pid_alive(p) for p in rpc_helper_pids(self.settings)),
                  10, "samba helpers to exit")
+
+
+class SmbKind(ShareKind):
+    """SMB through smbd: smb.conf from `shares.smb`, the server from `SmbdRunner`."""
+
+    protocol = Protocol.SMB
+    settings: SmbSettings
+
+    def render(self, table: ShareTable) -> str:
+        return render(table, self.settings)
+
+    def runner(self, **options: Any) -> ServerRunner:
+        return SmbdRunner(self.settings, **options)
