@@ -1,4 +1,5 @@
-"""The registry of share kinds: one base here, one module per protocol.
+"""The registry of share kinds: one base here; each kind lives beside its server
+(`shares.smbd.SmbKind`, `shares.ganesha.NfsKind`), its renderer in `shares.smb` / `shares.nfs`.
 
 A kind knows which shares it publishes, renders its server's config as a
 pure function of a `ShareTable`, and makes the runner that starts, reloads
