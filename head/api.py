@@ -48,6 +48,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opie.head.config import ConfigError
+from opie.shares.errors import CallError, ValidationErrors
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,6 @@ class APIServer:
 
 
     def _shares(self, method: str, p: list[str], body: dict):
-        from opie.shares.errors import CallError, ValidationErrors  # noqa: PLC0415
         files = self.head.files
         if files is None:
             raise _Error(409, "shares are not enabled on this head (head.json: shares.enabled)")
