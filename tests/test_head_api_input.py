@@ -10,7 +10,6 @@ stopped by its pid, also when a test fails.
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
 import subprocess
