@@ -2,8 +2,9 @@
 
 One thread owns the socket and the pool. Every refusal is logged once as a
 warning with the sender and the reason; a datagram that fails to decode
-(malformed, or signed without the cluster token) gets no answer at all, a
-refused hello or request gets a NAK. Neither changes a lease.
+(malformed, or signed without the cluster token) or that is a replay (seen
+before, or stamped outside the window: `discovery.lease_replay`) gets no
+answer at all, a refused hello or request gets a NAK. Neither changes a lease.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import threading
 
 from opie.discovery.lease_pool import LeasePool, LeaseRefused
 from opie.discovery.lease_proto import (ANY, LEASE_CLIENT_PORT, LEASE_SERVER_PORT, Kind,
-                                   LeaseMessage, LeaseProtocolError, decode, encode)
+                                        LeaseMessage, LeaseProtocolError, decode, encode)
+from opie.discovery.lease_replay import ReplayGuard
 from opie.discovery.lifecycle import Service
 from opie.discovery.netutil import broadcast_socket
 
@@ -26,13 +28,15 @@ class LeaseServer(Service):
     """Serve `pool` on `ifname`; use as a context manager or start()/close().
 
     `head` is the (address, port) handed to ISUs in offers and acks so they
-    know where the head's API is. Replies are broadcast to LEASE_CLIENT_PORT.
+    know where the head's API is. Replies are broadcast to LEASE_CLIENT_PORT,
+    stamped with the pool's clock, which also judges the freshness of requests.
     """
 
     def __init__(self, pool: LeasePool, token: bytes, ifname: str,
                  head: tuple[str, int] | None = None, port: int = LEASE_SERVER_PORT,
                  client_port: int = LEASE_CLIENT_PORT) -> None:
         self.pool = pool
+        self.replay = ReplayGuard(clock=pool.clock)
         self.token = token
         self.ifname = ifname
         self.head_addr = ipaddress.IPv4Address(head[0]) if head else ANY
@@ -67,7 +71,8 @@ class LeaseServer(Service):
             data, sender = self._sock.recvfrom(2048)
             reply = self.handle(data, sender)
             if reply is not None:
-                self._sock.sendto(encode(reply, self.token), ("255.255.255.255", self.client_port))
+                self._sock.sendto(encode(reply, self.token, self.pool.clock()),
+                                  ("255.255.255.255", self.client_port))
 
     def _refuse(self, sender: tuple[str, int], what: str) -> None:
         self.refusals += 1
@@ -77,6 +82,7 @@ class LeaseServer(Service):
         """Decide the answer to one datagram; None means stay silent."""
         try:
             msg = decode(data, self.token)
+            self.replay.check(msg)
         except LeaseProtocolError as exc:
             self._refuse(sender, f"datagram ({exc})")
             return None

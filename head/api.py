@@ -1,10 +1,18 @@
 """The head's REST API (JSON over HTTP) for the CLI and the GUI.
 
 Every request needs `Authorization: Bearer TOKEN` (the token lives in the
-head's state dir, mode 0600); anything else gets 401 and learns nothing.
+head's state dir, mode 0600); anything else gets 401 and learns nothing. An
+empty token is refused when the server is built (`ConfigError`), so the head
+does not start with one.
 Handlers run in the HTTP server's threads and hand each operation to the
 head's event loop (`run_coroutine_threadsafe`), bounded by a timeout; they
 never touch head state directly.
+
+Hostile clients are bounded: every socket read or write of a connection
+times out after REQUEST_TIMEOUT (a client that never sends its headers is
+hung up on), at most MAX_CONNECTIONS connections are served at once (more
+are closed at once, logged), and a body needs a decimal Content-Length of at
+most MAX_BODY bytes (anything else is a 400 and nothing is read).
 
     GET    /v1/status                               array, volumes, snapshots, jobs
     POST   /v1/snapshots          {volume, name}    take a snapshot (fs frozen)
@@ -39,6 +47,7 @@ import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from opie.head.config import ConfigError
 from opie.head.errors import HeadError
 from opie.head.exports import snapshot_export
 from opie.shares.errors import CallError, ValidationErrors
@@ -47,6 +56,8 @@ log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 600.0
 MAX_BODY = 64 * 1024
+REQUEST_TIMEOUT = 5.0   # seconds a connection may stay silent while the head waits for it
+MAX_CONNECTIONS = 128   # connections served at once (one thread each)
 
 
 class _Error(Exception):
@@ -55,14 +66,59 @@ class _Error(Exception):
         self.status = status
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """One daemon thread per connection, at most MAX_CONNECTIONS of them; the
+    connection beyond that is closed at once (the accept loop never waits)."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            log.warning("API: %d connections open; closed the one from %s", MAX_CONNECTIONS, client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _content_length(value: str | None) -> int:
+    """The body length a request announces: 0 without the header; _Error(400) unless decimal and <= MAX_BODY."""
+    if value is None:
+        return 0
+    if not (value.isascii() and value.isdigit()):
+        raise _Error(400, f"Content-Length: expected a number of bytes, got {value!r}")
+    if int(value) > MAX_BODY:
+        raise _Error(400, "request body too large")
+    return int(value)
+
+
 class APIServer:
+    """The API's HTTP listener. Build it on the head's event loop; `start` and `stop` from there."""
+
     def __init__(self, head, host: str, port: int):
+        if not head.token:
+            raise ConfigError(f"api-token: the head's API token in {head.state_dir} is empty; "
+                              "remove the file and the head makes a new one")
         self.head = head
         self.loop = asyncio.get_running_loop()
         api = self
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "opie-head"
+            timeout = REQUEST_TIMEOUT  # applied to the socket: bounds every read and write
 
             def log_message(self, fmt, *args):  # route to logging, not stderr
                 log.debug("%s %s", self.address_string(), fmt % args)
@@ -80,9 +136,7 @@ class APIServer:
                     auth = self.headers.get("Authorization", "")
                     if not hmac.compare_digest(auth.encode(), f"Bearer {api.head.token}".encode()):
                         raise _Error(401, "missing or wrong API token")
-                    length = int(self.headers.get("Content-Length") or 0)
-                    if length > MAX_BODY:
-                        raise _Error(400, "request body too large")
+                    length = _content_length(self.headers.get("Content-Length"))
                     body = {}
                     if length:
                         try:
@@ -109,8 +163,7 @@ class APIServer:
             def do_DELETE(self):
                 self._handle("DELETE")
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedHTTPServer((host, port), Handler)
         h, p = self.httpd.server_address[:2]
         self.url = f"http://{h}:{p}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="head-api", daemon=True)

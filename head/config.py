@@ -47,7 +47,16 @@ log = logging.getLogger(__name__)
 MAGIC = "opie-head"
 VERSION = 1
 FILENAME = "head.json"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+
+
+# Fields whose JSON type validate() checks first: integers with their range,
+# positive numbers (those in _OPTIONAL may be null) and flags.
+_INTS = {"chunk_size": (4096, 1 << 30), "discover_members": (0, 64), "lease_prefixlen": (0, 32),
+         "lease_secs": (1, 1 << 31)}
+_POSITIVE = ("rebuild_rate", "discover_timeout")
+_OPTIONAL = ("rebuild_rate",)
+_FLAGS = ("create_array", "assume_clean", "member_io_thread", "discover")
 
 
 class ConfigError(ValueError):
@@ -99,7 +108,9 @@ class HeadConfig:
     isus: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> "HeadConfig":
-        if not NAME.match(self.name):
+        """Return self, or raise ConfigError naming the first bad field."""
+        self._validate_types()
+        if not NAME.fullmatch(self.name):
             raise ConfigError(f"name: {self.name!r} must be 1-32 of [A-Za-z0-9_-]")
         if self.role not in ("active", "passive"):
             raise ConfigError(f"role: expected 'active' or 'passive', got {self.role!r}")
@@ -120,13 +131,11 @@ class HeadConfig:
                 raise ConfigError(f"members: {m} needs TLS but tls_dir is not set")
         if len(set(self.members)) != len(self.members):
             raise ConfigError("members: the same export is listed twice")
-        if not isinstance(self.member_io_thread, bool):
-            raise ConfigError(f"member_io_thread: expected true or false, got {self.member_io_thread!r}")
-        if self.chunk_size < 4096 or self.chunk_size & (self.chunk_size - 1):
-            raise ConfigError(f"chunk_size: expected a power of two >= 4096, got {self.chunk_size}")
+        if self.chunk_size & (self.chunk_size - 1):
+            raise ConfigError(f"chunk_size: expected a power of two, got {self.chunk_size}")
         names = set()
         for v in self.volumes:
-            if not NAME.match(v.name):
+            if not NAME.fullmatch(v.name):
                 raise ConfigError(f"volumes: name {v.name!r} must be 1-32 of [A-Za-z0-9_-]")
             if v.name in names:
                 raise ConfigError(f"volumes: {v.name} listed twice")
@@ -140,14 +149,29 @@ class HeadConfig:
                 raise ConfigError(f"backups: {b.volume}: 'every' must be at least 10 seconds")
         return self
 
+    def _validate_types(self) -> None:
+        """Numbers and flags of the wrong JSON type (a string, a float, null) are refused by name,
+        before any comparison could raise TypeError."""
+        for name, (lo, hi) in _INTS.items():
+            value = getattr(self, name)
+            if type(value) is not int or not lo <= value <= hi:
+                raise ConfigError(f"{name}: expected an integer {lo}..{hi}, got {value!r}")
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if type(value) not in (int, float) or not value > 0:
+                raise ConfigError(f"{name}: expected a positive number, got {value!r}")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+
     def _validate_discovery(self) -> None:
         if not self.discover:
             return
         if not self.cluster_id or not self.cluster_id.isprintable() or " " in self.cluster_id \
                 or len(self.cluster_id) > 64:
             raise ConfigError(f"cluster_id: discovery needs 1-64 printable characters, got {self.cluster_id!r}")
-        if not self.members and not 0 <= self.discover_members <= 64:
-            raise ConfigError(f"discover_members: expected 0..64, got {self.discover_members}")
         if self.lease_pool is not None and not self.lease_token_file:
             raise ConfigError("lease_token_file: the lease server needs the cluster token")
         seen = set()

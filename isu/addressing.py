@@ -26,7 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from opie.discovery.lease_proto import (LEASE_CLIENT_PORT, LEASE_SERVER_PORT, Kind, LeaseMessage,
-                                   LeaseProtocolError, NakReason, decode, encode)
+                                        LeaseProtocolError, NakReason, decode, encode)
+from opie.discovery.lease_replay import ReplayGuard
 from opie.discovery.netutil import broadcast_socket
 from opie.isu import identity
 from opie.netaddr import parse_host_port
@@ -200,12 +201,14 @@ class LeaseClient:
         self.server_port = server_port
         self.client_port = client_port
         self.retry = retry
+        self.replay = ReplayGuard()
 
     def _exchange(self, sock: socket.socket, msg: LeaseMessage, want: Kind, deadline: float) -> LeaseMessage:
-        """Broadcast `msg` every `retry` s until a valid `want` (or NAK) for it arrives."""
-        data = encode(msg, self.token)
+        """Broadcast `msg` every `retry` s until a valid `want` (or NAK) for it arrives.
+
+        Every send is stamped and signed afresh (the server refuses a repeated nonce)."""
         while time.monotonic() < deadline:
-            sock.sendto(data, ("255.255.255.255", self.server_port))
+            sock.sendto(encode(msg, self.token), ("255.255.255.255", self.server_port))
             resend = min(deadline, time.monotonic() + self.retry)
             while (left := resend - time.monotonic()) > 0:
                 ready, _, _ = select.select([sock], [], [], left)
@@ -219,6 +222,11 @@ class LeaseClient:
                     continue
                 if answer.xid != msg.xid or answer.uuid != self.uuid or answer.mac != self.mac:
                     continue  # another ISU's transaction
+                try:
+                    self.replay.check(answer)
+                except LeaseProtocolError as exc:
+                    log.warning("%s: ignored lease datagram from %s: %s", self.ifname, sender[0], exc)
+                    continue
                 if answer.kind is Kind.NAK:
                     raise LeaseDenied(answer.reason,
                                       f"lease server {sender[0]} refused: {answer.reason.name}")

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B?)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-EXPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class DiskState(enum.Enum):
@@ -70,7 +70,7 @@ class Disk(FileExport):
 
     def __init__(self, spec: DiskSpec):
         name = spec.name
-        if not EXPORT_NAME.match(name):
+        if not EXPORT_NAME.fullmatch(name):
             raise DiskError(f"{spec.path}: export name {name!r} must be 1-64 of [A-Za-z0-9._-]")
         path = spec.path
         if os.path.exists(path):

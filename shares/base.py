@@ -1,4 +1,5 @@
-"""The registry of share kinds: one base here, one module per protocol.
+"""The registry of share kinds: one base here; each kind lives beside its server
+(`shares.smbd.SmbKind`, `shares.ganesha.NfsKind`), its renderer in `shares.smb` / `shares.nfs`.
 
 A kind knows which shares it publishes, renders its server's config as a
 pure function of a `ShareTable`, and makes the runner that starts, reloads
@@ -31,7 +32,7 @@ def check_endpoint(errors: ValidationErrors, bind_address: str | None, port: int
             errors.add("bind_address", f"{bind_address!r} is not an IP address")
     if not isinstance(port, int) or not 1 <= port <= 65535:
         errors.add("port", f"{port!r} is not a TCP port")
-    if not ABS_PATH_RE.match(state_dir):
+    if not ABS_PATH_RE.fullmatch(state_dir):
         errors.add("state_dir", f"{state_dir!r} must be an absolute path of letters, digits, "
                    "'.', '_', '+' and '-'")
 

@@ -1,10 +1,12 @@
-"""Lifecycle of ganesha.nfsd as a child process, exports changed over D-Bus.
+"""Lifecycle of ganesha.nfsd as a child process, exports changed over D-Bus, and
+`NfsKind`, the NFS entry of the share-kind registry.
 
 `start` writes ganesha.conf, starts a private dbus-daemon (unless given a
 bus address), optionally rpcbind (NFSv3), then
 `ganesha.nfsd -F -L LOG -f CONF -p PIDFILE`, all optionally inside a
 network namespace (`ip netns exec NS`, which execs, so the pids are the
-servers'). `apply` rewrites the config and then removes, re-adds and adds
+servers'). Share paths are resolved and re-checked each time ganesha.conf is
+written (`ShareTable.resolved`). `apply` rewrites the config and then removes, re-adds and adds
 exports one by one with ExportMgr.RemoveExport / AddExport: exports whose
 block did not change are never touched, so their clients stay connected.
 A changed export is removed and added again (its clients see a short
@@ -16,12 +18,13 @@ import errno
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from opie.shares import dbus_bus
-from opie.shares.base import ServerRunner
+from opie.shares.base import ServerRunner, ShareKind
 from opie.shares.errors import CallError
 from opie.fileio import atomic_write
-from opie.shares.model import ShareTable
+from opie.shares.model import Protocol, ShareTable
 from opie.shares.nfs import NfsSettings, render, render_export
 from opie.shares.process import Child, Launcher, ServerProcess, wait_for
 
@@ -102,6 +105,7 @@ class GaneshaRunner(ServerRunner):
         """Write ganesha.conf and start the servers; returns once NFS and D-Bus answer."""
         if self.running:
             raise CallError(f"ganesha: already running as pid {self.pid}", errno.EEXIST)
+        table = table.resolved()
         (self.state / "recovery").mkdir(parents=True, exist_ok=True)
         atomic_write(self.settings.conf_path, render(table, self.settings))
         try:
@@ -137,6 +141,7 @@ class GaneshaRunner(ServerRunner):
         """Move the running Ganesha to `table`, touching only exports that changed."""
         if not self.running:
             raise CallError("ganesha: not running", errno.ESRCH)
+        table = table.resolved()
         conf = self.settings.conf_path
         atomic_write(conf, render(table, self.settings))
         wanted = self._render_exports(table)
@@ -160,3 +165,16 @@ class GaneshaRunner(ServerRunner):
         if self.bus is not None:
             self.bus.stop()
         self.exports = {}
+
+
+class NfsKind(ShareKind):
+    """NFS through ganesha.nfsd: ganesha.conf from `shares.nfs`, the server from `GaneshaRunner`."""
+
+    protocol = Protocol.NFS
+    settings: NfsSettings
+
+    def render(self, table: ShareTable) -> str:
+        return render(table, self.settings)
+
+    def runner(self, **options: Any) -> ServerRunner:
+        return GaneshaRunner(self.settings, **options)

@@ -3,9 +3,13 @@
 A `Share` names a directory inside a volume and says who may reach it over
 which protocol. A `ShareTable` is every share plus where each volume is
 mounted: it is the whole input of the renderers, so rendering is a pure
-function of it. Nothing in this module touches a server; `validate()` only
-reads the file system to resolve symlinks (a path that escapes its volume
-through a symlink is rejected like one that escapes with '..').
+function of it. Nothing in this module touches a server; `validate()` and
+`resolved()` only read the file system to resolve symlinks (a path that
+escapes its volume through a symlink is rejected like one that escapes with
+'..'). Whoever writes a config file renders `table.resolved()`, taken just
+before the write: a share user may swap a directory for a symlink at any
+time after validation, so the check is repeated where the path is rendered,
+and the real directory, not the symlink, goes into the config.
 
 Every string that ends up in smb.conf or ganesha.conf is checked against a
 narrow character set here, so the renderers never need to escape anything:
@@ -27,13 +31,13 @@ from opie.shares.errors import ValidationErrors
 
 log = logging.getLogger(__name__)
 
-SHARE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SHARE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+VOLUME_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Debian's NAME_REGEX, without the trailing '$' machine accounts.
-ACCOUNT_NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-PATH_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}$")
-ABS_PATH_RE = re.compile(r"^(/[A-Za-z0-9._+-]+)+/?$")
-COMMENT_RE = re.compile(r"^[A-Za-z0-9 ._,:()/+-]{0,80}$")
+ACCOUNT_NAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+PATH_COMPONENT_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}")
+ABS_PATH_RE = re.compile(r"(/[A-Za-z0-9._+-]+)+/?")
+COMMENT_RE = re.compile(r"[A-Za-z0-9 ._,:()/+-]{0,80}")
 RESERVED_SHARE_NAMES = frozenset({"global", "homes", "printers", "print$", "ipc$"})
 MAX_EXPORT_ID = 65535  # Ganesha's Export_Id is a uint16; 0 is the pseudo root.
 
@@ -136,8 +140,13 @@ class Share:
                    **lists, **flags)
 
 
+def _printable(name: Any) -> str:
+    """`name` as it may appear in an error message: itself if valid, else its repr (one line)."""
+    return name if isinstance(name, str) and SHARE_NAME_RE.fullmatch(name) else repr(name)
+
+
 def _check_account(errors: ValidationErrors, field_name: str, value: str, what: str) -> None:
-    if not ACCOUNT_NAME_RE.match(value):
+    if not ACCOUNT_NAME_RE.fullmatch(value):
         errors.add(field_name, f"{value!r} is not a valid {what} name "
                    "(lower-case letters, digits, '_' and '-', starting with a letter or '_', "
                    "at most 32)")
@@ -152,18 +161,28 @@ def check_account_name(name: str, field_name: str = "user") -> None:
 
 def check_volume_root(name: str, mountpoint: str, errors: ValidationErrors) -> None:
     """Add errors for a volume name or mountpoint that could not go into a config file."""
-    if not VOLUME_NAME_RE.match(name):
+    if not VOLUME_NAME_RE.fullmatch(name):
         errors.add(f"volumes.{name}", "volume names are letters, digits, '.', '_' and '-'")
-    if not isinstance(mountpoint, str) or not ABS_PATH_RE.match(mountpoint) or \
+    if not isinstance(mountpoint, str) or not ABS_PATH_RE.fullmatch(mountpoint) or \
             any(part == ".." for part in mountpoint.split("/")):
         errors.add(f"volumes.{name}", f"mountpoint {mountpoint!r} must be an absolute path of "
                    "letters, digits, '.', '_', '+' and '-' without '..'")
 
 
+def resolve_directory(mountpoint: str, parts: list[str]) -> tuple[str, str]:
+    """(real volume root, real directory) of `parts` below `mountpoint`, symlinks resolved now."""
+    root = os.path.realpath(mountpoint)
+    return root, os.path.realpath(os.path.join(root, *parts))
+
+
+def inside(root: str, target: str) -> bool:
+    return target == root or target.startswith(root + os.sep)
+
+
 def share_errors(share: Share, volumes: Mapping[str, str]) -> ValidationErrors:
     """All problems of one share on its own, by field (empty when valid)."""
     errors = ValidationErrors()
-    if not isinstance(share.name, str) or not SHARE_NAME_RE.match(share.name):
+    if not isinstance(share.name, str) or not SHARE_NAME_RE.fullmatch(share.name):
         errors.add("name", f"{share.name!r} is not a valid share name (letters, digits, '.', "
                    "'_' and '-', starting with a letter or digit, at most 64)")
     elif share.name.lower() in RESERVED_SHARE_NAMES:
@@ -175,13 +194,12 @@ def share_errors(share: Share, volumes: Mapping[str, str]) -> ValidationErrors:
         errors.add("path", "must be relative to the volume, not absolute")
     elif any(p == ".." for p in parts):
         errors.add("path", "must not leave the volume ('..')")
-    elif not all(PATH_COMPONENT_RE.match(p) for p in parts) or "\n" in share.path:
+    elif not all(PATH_COMPONENT_RE.fullmatch(p) for p in parts) or "\n" in share.path:
         errors.add("path", f"{share.path!r}: path components are letters, digits, '.', '_', "
                    "'+' and '-', not starting with '.'")
     elif share.volume in volumes:
-        root = os.path.realpath(volumes[share.volume])
-        target = os.path.realpath(os.path.join(root, *parts))
-        if target != root and not target.startswith(root + os.sep):
+        root, target = resolve_directory(volumes[share.volume], parts)
+        if not inside(root, target):
             errors.add("path", f"{share.path!r} resolves to {target}, outside volume "
                        f"{share.volume!r}")
     for user in share.users:
@@ -201,9 +219,13 @@ def share_errors(share: Share, volumes: Mapping[str, str]) -> ValidationErrors:
         errors.add("networks", "client networks apply to NFS shares only")
     if share.export_id is not None and not 1 <= share.export_id <= MAX_EXPORT_ID:
         errors.add("export_id", f"must be between 1 and {MAX_EXPORT_ID}")
-    if not isinstance(share.comment, str) or not COMMENT_RE.match(share.comment):
+    if not isinstance(share.comment, str) or not COMMENT_RE.fullmatch(share.comment):
         errors.add("comment", "at most 80 of letters, digits, spaces and . _ , : ( ) / + -")
     return errors
+
+
+def _parts(path: str) -> list[str]:
+    return [p for p in path.split("/") if p]
 
 
 @dataclass(frozen=True)
@@ -226,8 +248,7 @@ class ShareTable:
 
     def directory(self, share: Share) -> Path:
         """The absolute directory served for `share` (valid table assumed)."""
-        parts = [p for p in share.path.split("/") if p]
-        return Path(self.volumes[share.volume], *parts)
+        return Path(self.volumes[share.volume], *_parts(share.path))
 
     def smb_shares(self) -> list[Share]:
         return sorted((s for s in self.shares if s.smb), key=lambda s: s.name.lower())
@@ -266,7 +287,7 @@ class ShareTable:
         seen: dict[str, str] = {}
         ids: dict[int, str] = {}
         for share in self.shares:
-            prefix = f"shares.{share.name}."
+            prefix = f"shares.{_printable(share.name)}."
             errors.extend(share_errors(share, self.volumes), prefix)
             key = share.name.lower() if isinstance(share.name, str) else ""
             if key in seen:
@@ -286,6 +307,29 @@ class ShareTable:
         """Return self, or raise ValidationErrors listing every problem by field."""
         self.errors().check()
         return self
+
+    def resolved(self) -> "ShareTable":
+        """This table with every mountpoint and share path resolved as the file system is now.
+
+        Call it right before rendering a config file, and render what it returns.
+        Raises ValidationErrors ('shares.NAME.path') for a share whose directory
+        now resolves outside its volume, or for any other problem of the table.
+        """
+        self.validate()
+        volumes = {name: os.path.realpath(mp) for name, mp in self.volumes.items()}
+        errors = ValidationErrors()
+        shares = []
+        for share in self.shares:
+            root, target = resolve_directory(volumes[share.volume], _parts(share.path))
+            if not inside(root, target):
+                log.error("share %s: %s now resolves outside volume %s; not rendered",
+                          share.name, share.path, share.volume)
+                errors.add(f"shares.{share.name}.path", f"{share.path!r} now resolves outside "
+                           f"volume {share.volume!r} (a symlink?); the share is not served there")
+                continue
+            shares.append(replace(share, path=os.path.relpath(target, root) if target != root else ""))
+        errors.check()
+        return ShareTable(volumes, tuple(shares)).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return {"volumes": dict(self.volumes), "shares": [s.to_dict() for s in self.shares]}

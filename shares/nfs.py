@@ -5,7 +5,8 @@ Each NFS share is one EXPORT block with a stable `Export_Id` (the share's
 NFSv3 clients mount the same `/<share name>`, so one URL form serves both
 versions. Clients outside the share's networks get no access at all
 (`Access_Type = None` outside the CLIENT block). NFSv3 needs rpcbind;
-NFSv4 alone does not. NLM and RQUOTA are off.
+NFSv4 alone does not. NLM and RQUOTA are off. The server's lifecycle and
+the registry entry (`NfsKind`) live in `shares.ganesha`.
 """
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from opie.shares.base import ServerRunner, ShareKind, check_endpoint
+from opie.shares.base import check_endpoint
 from opie.shares.errors import ValidationErrors
-from opie.shares.model import Protocol, Share, ShareTable
+from opie.shares.model import Share, ShareTable
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,3 @@ def render(table: ShareTable, settings: NfsSettings) -> str:
     parts = ["# Rendered by Opie (shares.nfs); edits are overwritten.\n", render_core(settings)]
     parts += [render_export(s, table, settings) for s in table.nfs_shares()]
     return "\n".join(parts)
-
-
-class NfsKind(ShareKind):
-    """NFS through ganesha.nfsd."""
-
-    protocol = Protocol.NFS
-    settings: NfsSettings
-
-    def render(self, table: ShareTable) -> str:
-        return render(table, self.settings)
-
-    def runner(self, **options: Any) -> ServerRunner:
-        from opie.shares.ganesha import GaneshaRunner
-        return GaneshaRunner(self.settings, **options)

@@ -19,8 +19,8 @@ from opie.shares.base import KINDS, ServerRunner, ShareKind
 from opie.shares.errors import ValidationErrors
 from opie.shares.model import Protocol, ShareTable
 
-# Importing the protocol modules registers their kinds.
-from opie.shares import nfs as _nfs, smb as _smb  # noqa: F401
+# Importing the server modules registers their kinds.
+from opie.shares import ganesha as _ganesha, smbd as _smbd  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ state, cache, pid and ncalrpc dirs, and the tdbsam passdb), so several
 smbds can run on one host on different ports. "Previous Versions" uses
 shadow_copy2 with snapshots of the whole volume mounted read-only at
 `<volume mountpoint>/<snapdir>/@GMT-YYYY.MM.DD-HH.MM.SS` (see
-`shares.snapshots`); every share on that volume sees them.
+`shares.snapshots`); every share on that volume sees them. The server's
+lifecycle and the registry entry (`SmbKind`) live in `shares.smbd`.
 """
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from opie.shares.base import ServerRunner, ShareKind, check_endpoint
+from opie.shares.base import check_endpoint
 from opie.shares.errors import ValidationErrors
-from opie.shares.model import PATH_COMPONENT_RE, Protocol, Share, ShareTable
+from opie.shares.model import PATH_COMPONENT_RE, Share, ShareTable
 from opie.shares.snapshots import GMT_FORMAT
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,9 @@ class SmbSettings:
         check_endpoint(errors, self.bind_address, self.port, self.state_dir)
         for key in ("netbios_name", "workgroup"):
             value = getattr(self, key)
-            if not PATH_COMPONENT_RE.match(value) or len(value) > 15 or "." in value:
+            if not PATH_COMPONENT_RE.fullmatch(value) or len(value) > 15 or "." in value:
                 errors.add(key, f"{value!r}: at most 15 letters, digits, '_' and '-'")
-        if not re.match(r"^[A-Za-z0-9._+-]{1,255}$", self.snapdir) or self.snapdir in (".", ".."):
+        if not re.fullmatch(r"[A-Za-z0-9._+-]{1,255}", self.snapdir) or self.snapdir in (".", ".."):
             errors.add("snapdir", f"{self.snapdir!r} must be one plain directory name")
         if not isinstance(self.log_level, int) or not 0 <= self.log_level <= 10:
             errors.add("log_level", "must be 0..10")
@@ -138,17 +138,3 @@ def render(table: ShareTable, settings: SmbSettings) -> str:
              render_global(settings, any(s.guest_ok for s in shares))]
     parts += [render_share(s, table, settings) for s in shares]
     return "\n".join(parts)
-
-
-class SmbKind(ShareKind):
-    """SMB through smbd."""
-
-    protocol = Protocol.SMB
-    settings: SmbSettings
-
-    def render(self, table: ShareTable) -> str:
-        return render(table, self.settings)
-
-    def runner(self, **options: Any) -> ServerRunner:
-        from opie.shares.smbd import SmbdRunner
-        return SmbdRunner(self.settings, **options)

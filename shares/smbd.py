@@ -1,4 +1,5 @@
-"""Lifecycle of smbd as a child process (the lab; systemd hosts use shares.systemd).
+"""Lifecycle of smbd as a child process (the lab; systemd hosts use shares.systemd),
+and `SmbKind`, the SMB entry of the share-kind registry.
 
 smbd runs as `smbd --foreground --debug-stdout -s CONF` in its own process
 group (smbd makes one; never `--no-process-group`, with which SIGTERM hits
@@ -13,11 +14,12 @@ import errno
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
-from opie.shares.base import ServerRunner
+from opie.shares.base import ServerRunner, ShareKind
 from opie.shares.errors import CallError
 from opie.fileio import atomic_write
-from opie.shares.model import ShareTable
+from opie.shares.model import Protocol, ShareTable
 from opie.shares.process import (Child, Launcher, ServerProcess, cmdline, pid_alive, run, stop_pid,
                             stop_pidfile, tcp_open, wait_for)
 from opie.shares.smb import STATE_SUBDIRS, SmbSettings, render
@@ -26,11 +28,15 @@ log = logging.getLogger(__name__)
 
 
 def write_config(settings: SmbSettings, table: ShareTable) -> Path:
-    """Create the state dirs and (re)write smb.conf for `table`; returns its path."""
+    """Create the state dirs and (re)write smb.conf for `table`; returns its path.
+
+    Share paths are resolved and re-checked here (`ShareTable.resolved`):
+    ValidationErrors, and smb.conf unchanged, if one now leads out of its volume."""
+    text = render(table.resolved(), settings)
     for sub in STATE_SUBDIRS:
         Path(settings.state_dir, sub).mkdir(parents=True, exist_ok=True)
     os.chmod(Path(settings.state_dir, "private"), 0o700)
-    atomic_write(settings.conf_path, render(table, settings))
+    atomic_write(settings.conf_path, text)
     return settings.conf_path
 
 
@@ -96,3 +102,16 @@ class SmbdRunner(ServerRunner):
             stop_pid(pid, "samba rpc helper")
         wait_for(lambda: not any(pid_alive(p) for p in rpc_helper_pids(self.settings)),
                  10, "samba helpers to exit")
+
+
+class SmbKind(ShareKind):
+    """SMB through smbd: smb.conf from `shares.smb`, the server from `SmbdRunner`."""
+
+    protocol = Protocol.SMB
+    settings: SmbSettings
+
+    def render(self, table: ShareTable) -> str:
+        return render(table, self.settings)
+
+    def runner(self, **options: Any) -> ServerRunner:
+        return SmbdRunner(self.settings, **options)

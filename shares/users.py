@@ -96,7 +96,7 @@ class UserManager:
     def add(self, name: str, password: str, groups: tuple[str, ...] = ()) -> None:
         """Create the Unix account (unless a regular one exists) and the passdb entry."""
         errors = ValidationErrors()
-        if not ACCOUNT_NAME_RE.match(name):
+        if not ACCOUNT_NAME_RE.fullmatch(name):
             errors.add("user", f"{name!r} is not a valid user name (lower-case letters, digits, "
                        "'_' and '-', starting with a letter or '_', at most 32)")
         elif name in RESERVED_NAMES:

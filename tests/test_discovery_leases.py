@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from opie.discovery.lease_pool import IntegrityError, LeasePool, LeaseRefused, load_leases, parse_pool
 from opie.discovery.lease_proto import (MESSAGE_LEN, BadSignature, Kind, LeaseMessage, LeaseProtocolError,
-                                   MalformedMessage, NakReason, decode, encode)
+                                        MalformedMessage, NakReason, ReplayedMessage, decode, encode)
+from opie.discovery.lease_replay import ReplayGuard
 from opie.discovery.lease_server import LeaseServer
 
 TOKEN = b"cluster-token-for-tests"
@@ -56,8 +57,10 @@ def test_another_clusters_token_is_a_bad_signature() -> None:
     (b"", MalformedMessage),
     (b"OPLS\x01\x01", MalformedMessage),
     (b"XXXX" + bytes(MESSAGE_LEN - 4), MalformedMessage),
-    (b"OPLS\x02" + bytes(MESSAGE_LEN - 5), MalformedMessage),     # version 2
-    (b"OPLS\x01" + bytes(MESSAGE_LEN - 5), BadSignature),         # right shape, no tag
+    (b"OPLS\x03" + bytes(MESSAGE_LEN - 5), MalformedMessage),     # version 3
+    (b"OPLS\x01" + bytes(MESSAGE_LEN - 5), MalformedMessage),     # version 1: no stamp, no nonce
+    (b"OPLS\x01" + bytes(63), MalformedMessage),                  # a whole version-1 datagram
+    (b"OPLS\x02" + bytes(MESSAGE_LEN - 5), BadSignature),         # right shape, no tag
     (bytes(MESSAGE_LEN + 1), MalformedMessage),
 ])
 def test_malformed_datagrams_are_refused(data: bytes, error: type[Exception]) -> None:
@@ -261,3 +264,49 @@ def test_pool_never_double_leases(tmp_path_factory: pytest.TempPathFactory,
             assert len(values) == len(set(values)), (key, live)
         assert all(IP(x.address) in parse_pool("10.0.0.10-13") for x in pool.leases())
         assert load_leases(str(tmp / "leases.json")) == pool.leases()
+
+
+# -- replay ---------------------------------------------------------------------
+
+def test_a_replayed_correctly_signed_message_is_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A REQUEST captured off the segment and sent again (at once, or after its lease
+    expired) is refused without an answer, and the leases file stays byte-identical;
+    only the transaction id, which the sender chooses, guarded against that before."""
+    import time
+    clock = Clock()
+    clock.now = time.time()  # messages are stamped with the wall clock; the server reads the pool's
+    pool = make_pool(tmp_path, clock=clock)
+    server = LeaseServer(pool, TOKEN, "eth0", head=("10.0.0.1", 8080))
+    offer = server.handle(encode(LeaseMessage(Kind.HELLO, 9, A, MAC_A), TOKEN), SENDER)
+    assert offer is not None and offer.kind is Kind.OFFER
+    captured = encode(request(A, MAC_A, str(offer.address), xid=9), TOKEN)
+    ack = server.handle(captured, SENDER)
+    assert ack is not None and ack.kind is Kind.ACK
+    path = tmp_path / "leases.json"
+    before = path.read_bytes()
+    caplog.set_level(logging.WARNING, logger="opie.discovery.lease_server")
+    assert server.handle(captured, SENDER) is None            # replayed at once
+    clock.now += 3600                                          # A's lease of 100 s has expired
+    assert server.handle(captured, SENDER) is None            # replayed to take the address back
+    assert path.read_bytes() == before
+    assert server.refusals == 2
+    assert sum("replay" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_replay_guard_window_and_seen_set() -> None:
+    """Fresh and new: accepted once. Too old, too far ahead, or a nonce seen in the window: refused.
+    A nonce is forgotten once it is out of the window (the window refuses it by then)."""
+    clock = Clock()
+    guard = ReplayGuard(window=30, clock=clock)
+
+    def stamped(at: float, nonce: bytes) -> LeaseMessage:
+        return decode(encode(LeaseMessage(Kind.HELLO, 1, A, MAC_A), TOKEN, now=at, nonce=nonce), TOKEN)
+    guard.check(stamped(clock.now - 29, b"n1" * 4))
+    for msg in (stamped(clock.now - 29, b"n1" * 4), stamped(clock.now - 31, b"n2" * 4),
+                stamped(clock.now + 31, b"n3" * 4)):
+        with pytest.raises(ReplayedMessage):
+            guard.check(msg)
+    guard.check(stamped(clock.now + 29, b"n3" * 4))   # a refused message was not recorded
+    clock.now += 100
+    guard.check(stamped(clock.now, b"n1" * 4))        # same nonce, fresh stamp, long after: accepted

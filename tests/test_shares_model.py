@@ -222,3 +222,44 @@ def test_acl_revocations_per_directory() -> None:
     }
     assert entries(Share("r", "vol1", read_only=True, users=("bob",))) == \
         ["u:bob:r-x", "d:u:bob:r-x"]
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["docs2\n"], "name"),
+    (["docs2", "--user", "alice\n"], "users"),
+    (["docs2", "--comment", "notes\n"], "comment"),
+    (["docs2", "--volume", "v3", "--mountpoint", "/srv/v3\n"], "volumes.v3"),
+])
+def test_cli_share_add_refuses_a_trailing_newline(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  extra: list[str], field: str) -> None:
+    """`re.match` with `$` accepted 'docs2\\n': refused now, by field; smb.conf byte-identical."""
+    config = str(tmp_path / "shares.json")
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    assert opie(["share", "add", "docs", "--volume", "v", "--mountpoint", str(vol),
+                 "--config", config]) == 0
+    settings = smb.SmbSettings(state_dir=str(tmp_path / "smb"), port=4450)
+    conf = write_config(settings, load_table(Path(config))).read_bytes()
+    before = Path(config).read_bytes()
+    capsys.readouterr()
+    args = ["share", "add", *extra, "--config", config]
+    if "--volume" not in extra:
+        args += ["--volume", "v"]
+    assert opie(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("opie: ") and f"{field}: " in err and err.count("\n") == 1, err
+    assert Path(config).read_bytes() == before
+    assert write_config(settings, load_table(Path(config))).read_bytes() == conf
+
+
+def test_the_resolved_directory_is_rendered(tmp_path: Path) -> None:
+    """A share reached through a symlink inside its volume is rendered as the real directory,
+    so swapping that symlink later cannot move what smbd serves."""
+    vol = tmp_path / "vol"
+    (vol / "real" / "docs").mkdir(parents=True)
+    (vol / "link").symlink_to("real")
+    table = ShareTable({"v": str(vol)}).with_share(Share("docs", "v", "link/docs")).validate()
+    settings = smb.SmbSettings(state_dir=str(tmp_path / "smb"), port=4450)
+    text = write_config(settings, table).read_text()
+    assert f"\tpath = {vol}/real/docs\n" in text
+    assert "link" not in text

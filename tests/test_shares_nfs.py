@@ -219,3 +219,29 @@ def test_service_serves_one_share_over_smb_and_nfs(tmp_path: Path, volume: Path)
             users.delete(name)
         finally:
             subprocess.run(["userdel", name], capture_output=True)
+
+
+def test_symlink_swapped_in_after_validation_is_refused_where_ganesha_conf_is_written(
+        ganesha: GaneshaRunner, volume: Path, tmp_path: Path) -> None:
+    """The share's directory becomes a symlink out of the volume after the table was
+    validated: the runner's next apply (and start) refuses, naming the share, and
+    ganesha.conf never names the outside directory."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (volume / "data").mkdir()
+    good = table_of(volume, export("data", "127.0.0.1"))
+    ganesha.start(good)
+    before = ganesha.settings.conf_path.read_bytes()
+    served = ganesha.show_exports()
+    (volume / "data").rename(volume / "data.old")
+    (volume / "data").symlink_to(outside)
+    with pytest.raises(ValidationErrors) as info:
+        ganesha.apply(good)
+    assert "shares.data.path" in info.value.fields(), str(info.value)
+    assert ganesha.settings.conf_path.read_bytes() == before
+    assert ganesha.show_exports() == served
+    ganesha.stop()
+    with pytest.raises(ValidationErrors):
+        ganesha.start(good)
+    assert not ganesha.running
+    assert str(outside) not in ganesha.settings.conf_path.read_text()

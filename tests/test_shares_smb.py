@@ -293,3 +293,39 @@ def test_users_add_passwd_del_list_and_cli(lab: SmbLab, capsys: pytest.CaptureFi
     assert bob not in [u.name for u in lab.users.list()]
     refused = lab.client("docs", "bob", "ls")
     assert refused.returncode != 0
+
+
+def test_names_with_a_trailing_newline_leave_smb_conf_unchanged(lab: SmbLab) -> None:
+    """A share name or comment ending in a newline is refused by field; the running smb.conf stays byte-identical."""
+    alice, _ = lab.user("alice")
+    good = lab.table(Share("docs", "vol", "docs", users=(alice,)))
+    lab.service.start(good)
+    before = lab.settings.conf_path.read_bytes()
+    for field, share in (("name", Share("docs2\n", "vol", "d2")),
+                         ("comment", Share("docs3", "vol", "d3", comment="notes\n"))):
+        with pytest.raises(ValidationErrors) as info:
+            lab.service.apply(good.with_share(share))
+        assert any(f.endswith("." + field) for f in info.value.fields()), str(info.value)
+        assert lab.settings.conf_path.read_bytes() == before, field
+        assert lab.service.table == good
+    assert not (lab.volume / "d2").exists() and not (lab.volume / "d3").exists()
+
+
+def test_symlink_swapped_in_after_validation_is_refused_where_smb_conf_is_written(
+        lab: SmbLab, tmp_path: Path) -> None:
+    """The share's directory becomes a symlink out of the volume after the table was
+    validated: smbd's runner refuses the next apply, naming the share; smb.conf is unchanged
+    and never names the outside directory."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    alice, _ = lab.user("alice")
+    good = lab.table(Share("docs", "vol", "docs", users=(alice,)))
+    lab.service.start(good)
+    before = lab.settings.conf_path.read_bytes()
+    (lab.volume / "docs").rename(lab.volume / "docs.old")
+    (lab.volume / "docs").symlink_to(outside)
+    with pytest.raises(ValidationErrors) as info:
+        lab.service.runners[Protocol.SMB].apply(good)
+    assert "shares.docs.path" in info.value.fields(), str(info.value)
+    assert lab.settings.conf_path.read_bytes() == before
+    assert str(outside) not in lab.settings.conf_path.read_text()
