@@ -85,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from opie.isu.agent import DEFAULT_STATE_DIR, serve
+    from opie.isu.agent import DEFAULT_STATE_DIR
+    from opie.isu.node import serve
     from opie.isu.disks import DiskError
     from opie.isu.identity import IdentityError
     from opie.isu.services import ServiceOptions

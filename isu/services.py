@@ -34,16 +34,18 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from opie.discovery.presence import IsuPresence
 from opie.isu import identity
+from opie.isu.addressing import (AcquiredLease, ConfigError, LeaseClient, LeaseDenied, LeaseTimeout,
+                                 apply_address, parse_head, read_network)
+from opie.isu.console import ConsoleServer, open_console
 from opie.isu.control import CONTROL_PORT, ControlServer
 from opie.isu.disks import DiskState
+from opie.isu.udev import DiskEvent, DiskRoster, DiskWatcher, default_match
+from opie.nbd import tls
 
 if TYPE_CHECKING:
-    from opie.discovery.presence import IsuPresence
-    from opie.isu.addressing import AcquiredLease, LeaseClient
     from opie.isu.agent import ISUAgent
-    from opie.isu.console import ConsoleServer
-    from opie.isu.udev import DiskEvent, DiskRoster, DiskWatcher
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,6 @@ class ServiceOptions:
 
 def _agent_console(port: Any, services: IsuServices) -> ConsoleServer:
     """The serial console of this agent: its `handle` re-announces after each accepted setting."""
-    from opie.isu.console import ConsoleServer  # noqa: PLC0415 (pyserial only when used)
-
     class AgentConsole(ConsoleServer):
         def handle(self, raw: bytes) -> list[str]:
             lines = super().handle(raw)
@@ -134,7 +134,6 @@ class IsuServices:
         """Console first (an admin may need it to give the address), then the lease."""
         loop = asyncio.get_running_loop()
         if self.options.console:
-            from opie.isu.console import open_console  # noqa: PLC0415
             self._console_port = open_console(self.options.console)
             self._console = _agent_console(self._console_port, self)
             self._thread(self._console.serve, "isu-console")
@@ -142,7 +141,6 @@ class IsuServices:
             self._lease = await loop.run_in_executor(None, self._acquire)
             self.address = str(self._lease.address.ip)
         if self.address is None and self.options.console:
-            from opie.isu.addressing import read_network  # noqa: PLC0415
             persisted = read_network(self.agent.state_dir).address
             if persisted:
                 self.address = str(ipaddress.IPv4Interface(persisted).ip)
@@ -151,7 +149,6 @@ class IsuServices:
         loop = asyncio.get_running_loop()
         self._serving = True
         if self.options.lease or self.options.announce or self.options.console:
-            from opie.nbd import tls  # noqa: PLC0415
             ctx = tls.server_context(self.agent.tls_dir) if self.agent.tls_dir else None
             self.control = ControlServer(self._handle_control, ctx)
             self.control_port = await self.control.start("0.0.0.0", self.options.control_port)
@@ -193,7 +190,6 @@ class IsuServices:
     # ------------------------------------------------------------ address
     def _acquire(self) -> AcquiredLease:
         """Lease an address, retrying until a lease server answers (nothing is served before)."""
-        from opie.isu.addressing import LeaseClient, LeaseDenied, LeaseTimeout  # noqa: PLC0415
         assert self.options.lease is not None and self.token is not None
         self._lease_client = LeaseClient(self.options.lease, self.token, self.agent.state_dir,
                                          uuid=None)
@@ -213,7 +209,6 @@ class IsuServices:
 
     def apply_console_address(self, iface: ipaddress.IPv4Interface) -> None:
         """The console's apply hook: the address on the interface, the announcement moved there."""
-        from opie.isu.addressing import apply_address  # noqa: PLC0415
         apply_address(self.ifname, iface)
         self.config_changed()
         if self._serving:
@@ -221,7 +216,6 @@ class IsuServices:
 
     def _move_presence(self, address: str) -> None:
         """(Re)announce on `address`; blocking (~1 s of mDNS probing)."""
-        from opie.discovery.presence import IsuPresence  # noqa: PLC0415
         with self._lock:
             if self.presence is not None:
                 if self.presence.record.address == address:
@@ -291,7 +285,6 @@ class IsuServices:
 
     def _join(self, request: dict[str, Any]) -> dict[str, Any]:
         """Take the cluster config a head sends; durable before the reply."""
-        from opie.isu.addressing import ConfigError, parse_head  # noqa: PLC0415
         cluster, role, head = request.get("cluster"), request.get("role"), request.get("head")
         exports = request.get("exports", [])
         if not isinstance(cluster, str) or not 1 <= len(cluster) <= CLUSTER_ID_MAX \
@@ -320,7 +313,6 @@ class IsuServices:
 
     # ------------------------------------------------------------ disks
     def _start_watcher(self) -> None:
-        from opie.isu.udev import DiskRoster, DiskWatcher, default_match  # noqa: PLC0415
         pattern = self.options.watch_disks
         match = (lambda name: fnmatch.fnmatchcase(name, pattern)) if pattern else default_match
         self._devices = self._kernel_names()
