@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from opie.cli.errors import OpieError, UsageError
+from opie.isu.control import CONTROL_PORT
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "then keep renewing it")
     g.add_argument("--cluster-token-file", metavar="FILE",
                    help="the cluster token (hex) that signs lease messages; needed by --lease")
+    g.add_argument("--control-port", type=int, default=CONTROL_PORT, metavar="PORT",
+                   help=f"port of the control channel heads adopt this ISU through, on the announced "
+                        f"address (default {CONTROL_PORT}; 0 picks a free port)")
     g.add_argument("--console", metavar="DEVICE", help="serve the admin console on this serial device")
     g.add_argument("--interface", metavar="IFNAME",
                    help="where a console-set address goes (default: the --lease interface, else eth0)")
@@ -94,7 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         options = ServiceOptions(announce=args.announce, lease=args.lease,
                                  token_file=args.cluster_token_file, console=args.console,
-                                 interface=args.interface, watch_disks=args.watch_disks)
+                                 interface=args.interface, watch_disks=args.watch_disks,
+                                 control_port=args.control_port)
         return serve(args.state_dir or DEFAULT_STATE_DIR, args.disk, args.listen, args.tls_dir, args.workers,
                      options)
     except (DiskError, IdentityError) as exc:

@@ -64,6 +64,7 @@ class Cluster:
         api_host, _, api_port = self.cfg.api_listen.rpartition(":")
         self.address = self.cfg.discover_address or api_host
         self.api_port = int(api_port)
+        self.control_port = control.CONTROL_PORT   # where ISUs' control channels listen
         self.registry: IsuRegistry | None = None
         self.lease_server: LeaseServer | None = None
         self._lock = threading.Lock()
@@ -189,13 +190,15 @@ class Cluster:
                 raise HeadError("the array is running; growing it is not supported: adopt the ISU as a spare")
             address = view.record.address
             try:
-                status = await control.call(address, {"op": "status"}, self.head.client_tls)
+                status = await control.call(address, {"op": "status"}, self.head.client_tls,
+                                            port=self.control_port)
                 exports = entry["exports"] if entry else [str(e) for e in status.get("exports", [])][:1]
                 if not exports:
                     raise HeadError(f"ISU {uuid} exports no disk")
                 reply = await control.call(address, {"op": "join", "cluster": self.cfg.cluster_id, "role": role,
                                                      "head": f"{self.address}:{self.api_port}",
-                                                     "exports": exports}, self.head.client_tls)
+                                                     "exports": exports}, self.head.client_tls,
+                                            port=self.control_port)
             except control.ControlError as exc:
                 raise HeadError(str(exc), 502) from None
             if entry is None:

@@ -58,6 +58,14 @@ class ControlServer:
         log.info("control channel on %s:%d (tls %s)", host, bound, "on" if self.ssl_context else "off")
         return bound
 
+    @property
+    def listening(self) -> str | None:
+        """"HOST:PORT" the channel is bound to, or None when closed."""
+        if self._server is None:
+            return None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

@@ -258,7 +258,9 @@ class IsuServices:
 
     def status(self) -> dict[str, Any]:
         cfg = identity.load(self.agent.state_dir)
-        return {"address": self.address, "state": self.state(), "cluster": cfg.get("cluster") or "",
+        control = self.control.listening if self.control is not None else None
+        return {"address": self.address, "control": control, "state": self.state(),
+                "cluster": cfg.get("cluster") or "",
                 "role": cfg.get("role") or "", "config_gen": int(cfg.get("config_gen", 0)),
                 "unassigned_disks": sorted(self.roster.unassigned) if self.roster else [],
                 "failed_disks": sorted(n for n, d in self.agent.disks.items()
