@@ -2,8 +2,9 @@
 
 `IsuServices` composes the discovery and ISU building blocks around one
 `ISUAgent`, which calls `before_serve` (console, then the lease: the address
-comes before anything is served), `after_serve` (control channel, zeroconf
-announcement with heartbeat, lease keeping, udev disk watcher) and `stop`.
+comes before anything is served), `after_serve` (zeroconf announcement with
+heartbeat and the control channel, both on the ISU's address and nowhere
+else; lease keeping, udev disk watcher) and `stop`.
 
 The announcement's TXT is computed from the agent and its `isu.json`:
 disks/capacity from the served disks, state `unconfigured` (no cluster yet),
@@ -11,7 +12,7 @@ disks/capacity from the served disks, state `unconfigured` (no cluster yet),
 copy of the cluster config (written by a head's join, isu.control). Any
 change (join, console setting, a disk failing) re-announces at once; an
 address change (lease renewed to a new address, console `set address`)
-moves the announcement to the new address.
+moves the announcement and the control channel to the new address.
 
 Disks (with `watch_disks`): a whole disk that appears is listed as
 unassigned (status, console); a served disk that disappears is marked
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 CLUSTER_ID_MAX = 64
 LEASE_ATTEMPT_SECS = 10.0
+CONTROL_BIND_SECS = 10.0
 
 
 def read_token(path: str) -> bytes:
@@ -128,6 +130,7 @@ class IsuServices:
         self._lease: AcquiredLease | None = None
         self._devices: dict[str, str] = {}
         self._serving = False
+        self._loop: asyncio.AbstractEventLoop | None = None   # the agent's, once serving
 
     # ------------------------------------------------------------ lifecycle
     async def before_serve(self) -> None:
@@ -146,12 +149,8 @@ class IsuServices:
                 self.address = str(ipaddress.IPv4Interface(persisted).ip)
 
     async def after_serve(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._serving = True
-        if self.options.lease or self.options.announce or self.options.console:
-            ctx = tls.server_context(self.agent.tls_dir) if self.agent.tls_dir else None
-            self.control = ControlServer(self._handle_control, ctx)
-            self.control_port = await self.control.start("0.0.0.0", self.options.control_port)
         if self.address is not None:
             await loop.run_in_executor(None, self._move_presence, self.address)
         if self._lease is not None and self._lease_client is not None:
@@ -215,7 +214,8 @@ class IsuServices:
             self._move_presence(str(iface.ip))
 
     def _move_presence(self, address: str) -> None:
-        """(Re)announce on `address`; blocking (~1 s of mDNS probing)."""
+        """(Re)announce on `address`, and move the control channel there; blocking
+        (~1 s of mDNS probing). Any thread but the agent's loop."""
         with self._lock:
             if self.presence is not None:
                 if self.presence.record.address == address:
@@ -223,6 +223,8 @@ class IsuServices:
                 self.presence.close()
                 self.presence = None
             self.address = address
+            assert self._loop is not None
+            asyncio.run_coroutine_threadsafe(self._bind_control(address), self._loop).result(CONTROL_BIND_SECS)
             presence = IsuPresence(self.agent.uuid, address, self.agent.port, **self.txt_fields())
             presence.start()
             self.presence = presence
@@ -275,6 +277,16 @@ class IsuServices:
                 "unassigned": " ".join(st["unassigned_disks"]) or "-"}
 
     # ------------------------------------------------------------ control channel
+    async def _bind_control(self, address: str) -> None:
+        """Serve the control channel on `address` only (where heads reach this ISU),
+        closing it where it was. Mutual TLS with the agent's certificates; without
+        them only `status` is answered (isu.control)."""
+        if self.control is not None:
+            await self.control.close()
+        ctx = tls.server_context(self.agent.tls_dir) if self.agent.tls_dir else None
+        self.control = ControlServer(self._handle_control, ctx)
+        self.control_port = await self.control.start(address, self.control_port or self.options.control_port)
+
     async def _handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request["op"]
         if op == "status":
