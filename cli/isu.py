@@ -22,9 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Serve each --disk as an NBD export named after the file's stem\n"
             "(disk0.img -> export 'disk0'). A missing file is created sparse at SIZE;\n"
             "an existing file or block device is served as it is and never resized.\n\n"
-            "With --tls-dir (a certificate directory made by 'opie ca'), clients must use\n"
-            "TLS and present a certificate signed by the cluster CA; without it plain NBD\n"
-            "is served (tests and benchmarks only).\n\n"
+            "With --tls-dir (a certificate directory made by 'opie ca', role isu), clients\n"
+            "must use TLS and present a certificate signed by the cluster CA, and only a\n"
+            "head's certificate may adopt the ISU. Without it plain NBD is served, on a\n"
+            "loopback address only (tests and benchmarks) unless --insecure is given.\n\n"
             "When ready, prints one JSON line {\"event\": \"ready\", \"uuid\", \"listen\", \"exports\", ...}.\n"
             "SIGTERM or Ctrl-C stops it cleanly (disks synced)."),
         epilog="example: opie isu serve --disk /srv/isu0/disk0.img:2G --listen 127.0.0.1:10809 --tls-dir /etc/opie/tls")
@@ -36,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where the ISU keeps its identity (default /var/lib/opie/isu)")
     s.add_argument("--tls-dir", default=None, metavar="DIR",
                    help="certificate directory (ca-cert.pem, server-cert.pem, server-key.pem)")
+    s.add_argument("--insecure", action="store_true",
+                   help="INSECURE: allow serving without --tls-dir on a network address (0.0.0.0 or a "
+                        "non-loopback address): anyone who reaches it can read and write the disks. "
+                        "Logged at WARNING. Loopback needs no flag")
     s.add_argument("--workers", type=int, default=None, metavar="N",
                    help="serve connections on N threads (default: one per CPU, at least 2; 0 = on the main loop)")
     g = s.add_argument_group("cluster services (see isu/services.py)")
@@ -101,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
                                  interface=args.interface, watch_disks=args.watch_disks,
                                  control_port=args.control_port)
         return serve(args.state_dir or DEFAULT_STATE_DIR, args.disk, args.listen, args.tls_dir, args.workers,
-                     options)
+                     options, insecure=args.insecure)
     except (DiskError, IdentityError) as exc:
         raise UsageError(str(exc)) from None
     except ValueError as exc:

@@ -23,7 +23,12 @@ Layout (JSON object, written atomically: temp file, fsync, rename):
      "lease_pool": null,            # "A.B.C.D-E" or CIDR: run the lease server with this pool
      "lease_interface": "eth0", "lease_prefixlen": 24, "lease_secs": 3600,
      "lease_token_file": null,      # cluster token (hex) that signs lease messages
-     "isus": [{"uuid": U, "role": "member"|"spare", "exports": [NAME]}]}   # adopted ISUs
+     "isus": [{"uuid": U, "role": "member"|"spare", "exports": [NAME]}],   # adopted ISUs
+     "insecure": false}             # allow plain listeners on network addresses (below)
+
+Plain listeners: the API is plain HTTP, and the NBD exports are plain
+without tls_dir. On a network address (not loopback) either is refused
+unless `insecure` is true; the head then logs a WARNING at start.
 
 `load` validates every field and raises `ConfigError` naming the field; the
 file on disk is never changed by a failed validation.
@@ -38,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from opie.nbd import tls
 from opie.nbd import uri as nbd_uri
 
 log = logging.getLogger(__name__)
@@ -95,6 +101,15 @@ class HeadConfig:
     lease_secs: int = 3600
     lease_token_file: str | None = None
     isus: list[dict[str, Any]] = field(default_factory=list)
+    insecure: bool = False
+
+    def plain_network_listeners(self) -> list[tuple[str, str]]:
+        """(field, host) of each listener that would serve without TLS on a network
+        address: api_listen (plain HTTP), nbd_listen without tls_dir. An empty host
+        means loopback (the daemon listens on 127.0.0.1 then)."""
+        listeners = [("api_listen", self.api_listen)] + ([] if self.tls_dir else [("nbd_listen", self.nbd_listen)])
+        hosts = [(name, addr.rpartition(":")[0] or "127.0.0.1") for name, addr in listeners]
+        return [(name, host) for name, host in hosts if not tls.is_loopback(host)]
 
     def validate(self) -> "HeadConfig":
         if not NAME.match(self.name):
@@ -104,6 +119,12 @@ class HeadConfig:
         if len(self.members) < 2 and not (self.discover and not self.members):
             raise ConfigError(f"members: RAID5 needs at least 2, got {len(self.members)}")
         self._validate_discovery()
+        if not isinstance(self.insecure, bool):
+            raise ConfigError(f"insecure: expected true or false, got {self.insecure!r}")
+        for name, host in self.plain_network_listeners():
+            if not self.insecure:
+                raise ConfigError(f"{name}: {getattr(self, name)} would serve without TLS on a network "
+                                  f"address; listen on loopback, or set \"insecure\": true to allow it anyway")
         for m in self.members:
             try:
                 u = nbd_uri.parse(m)

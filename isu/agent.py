@@ -9,7 +9,8 @@ and runs them as a process.
 
 TLS: with a tls_dir, the server requires TLS and a client certificate
 signed by the cluster CA (forced-TLS mode); without one it serves plain NBD,
-which only tests and benchmarks should use.
+which only tests and benchmarks should use: on loopback, or elsewhere only
+when the admin passed --insecure.
 """
 from __future__ import annotations
 
@@ -59,12 +60,17 @@ class ISUAgent:
     """One ISU: its identity, its disks and the NBD server exporting them."""
 
     def __init__(self, state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, insecure: bool = False):
+        """Refuses (before anything is created) plain NBD on a network address
+        unless `insecure` (nbd.tls.vet_plain_listener)."""
+        self.host, self.port = parse_listen(listen)
+        self.tls_dir = tls_dir
+        self.insecure = insecure
+        if not tls_dir:
+            tls.vet_plain_listener(f"NBD on {listen}", self.host, insecure=insecure)
         self.state_dir = state_dir
         self.config = identity.load(state_dir)
         self.uuid: str = self.config["uuid"]
-        self.host, self.port = parse_listen(listen)
-        self.tls_dir = tls_dir
         specs = [DiskSpec.parse(s) for s in disk_specs]
         if not specs:
             raise DiskError("an ISU needs at least one --disk")

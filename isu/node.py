@@ -33,12 +33,13 @@ async def run(agent: ISUAgent) -> None:
 
 
 def serve(state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None,
-          workers: int | None = None, services: ServiceOptions | None = None) -> int:
-    """Build the agent (and its services when any is wanted) and run it; blocks until stopped."""
-    agent = ISUAgent(state_dir, disk_specs, listen, tls_dir, workers)
-    if services is not None and services.wanted:
-        agent.services = IsuServices(agent, services)
+          workers: int | None = None, services: ServiceOptions | None = None, insecure: bool = False) -> int:
+    """Build the agent (and its services when any is wanted) and run it; blocks until stopped.
+    `insecure`: allow plain listeners on network addresses (see nbd.tls.vet_plain_listener)."""
+    agent = ISUAgent(state_dir, disk_specs, listen, tls_dir, workers, insecure=insecure)
     try:
+        if services is not None and services.wanted:
+            agent.services = IsuServices(agent, services)
         asyncio.run(run(agent))
     finally:
         agent.close_disks()

@@ -111,6 +111,11 @@ def _agent_console(port: Any, services: IsuServices) -> ConsoleServer:
 
 class IsuServices:
     def __init__(self, agent: ISUAgent, options: ServiceOptions) -> None:
+        """Without TLS, refuses a control channel that would listen on a network
+        address (a leased or console-set one counts) unless the agent is `insecure`."""
+        if not agent.tls_dir and (options.announce or options.lease or options.console):
+            tls.vet_plain_listener("the control channel", None if options.lease or options.console
+                                   else options.announce, insecure=agent.insecure)
         self.agent = agent
         self.options = options
         self.ifname = options.interface or options.lease or "eth0"

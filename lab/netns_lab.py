@@ -151,7 +151,8 @@ class NetnsLab:
                 discover=True, cluster_id=self.cluster_id, discover_members=self.n_isus,
                 discover_timeout=self.discover_timeout,
                 lease_pool=f"{self.pool[0]}-{self.pool[-1]}", lease_interface="eth0",
-                lease_prefixlen=self.subnet.prefixlen, lease_token_file=str(self.dir / "cluster-token"))
+                lease_prefixlen=self.subnet.prefixlen, lease_token_file=str(self.dir / "cluster-token"),
+                insecure=True)   # the API is plain HTTP on the lab bridge (NBD and control use TLS)
             head_config.save(home, cfg)
         log_path, out_path = home / "head.log", home / "head.out"
         with open(log_path, "ab") as logf, open(out_path, "wb") as outf:

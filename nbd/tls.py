@@ -19,6 +19,11 @@ subject's organizational unit (OU): `head` (may adopt and fence ISUs),
 backups). Only the CA can write a subject, so a verified peer's role can be
 trusted; the ISU's control channel lets only `head` change its cluster
 config (isu.control). The default is `isu`: acting as a head must be asked for.
+
+Plain listeners: serving without TLS is for loopback (tests, benchmarks).
+`vet_plain_listener` is the one rule for every listener (ISU NBD and control
+channel, head NBD and API): on a network address it is refused unless the
+admin passed --insecure (the head's `insecure` key), and then logged at WARNING.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from opie.nbd.errors import PlainListenerRefused
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +207,28 @@ def client_context(tls_dir: str | os.PathLike) -> ssl.SSLContext:
     if (d / CLIENT_CERT).exists():
         ctx.load_cert_chain(d / CLIENT_CERT, d / CLIENT_KEY)
     return ctx
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for a loopback host (127.0.0.0/8, ::1, localhost); False for a wildcard
+    (0.0.0.0, ::, ""), any other address, or None (an address not known yet)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address((host or "").strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def vet_plain_listener(what: str, host: str | None, *, insecure: bool) -> None:
+    """Call before `what` starts serving without TLS on `host` (None: an address
+    not known yet, e.g. one to be leased). Loopback passes silently. A network
+    address raises PlainListenerRefused unless `insecure`; with it, logs a WARNING."""
+    if is_loopback(host):
+        return
+    where = f"network address {host or '0.0.0.0'}" if host is not None else "a network address"
+    if not insecure:
+        raise PlainListenerRefused(f"{what} would serve without TLS on {where}: give it a certificate "
+                                   f"directory, listen on loopback, or pass --insecure to allow it anyway")
+    log.warning("%s serves without TLS on %s, allowed as insecure: anyone who reaches it can use it",
+                what, where)
