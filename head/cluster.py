@@ -8,7 +8,8 @@ never touched).
 
 Adoption (`adopt(uuid, role)`, behind POST /v1/isus/UUID/adopt): the head
 asks the ISU for its exports over the ISU's control channel (isu.control,
-mutual TLS with the cluster CA), tells it its cluster config (cluster id,
+mutual TLS with the cluster CA; the ISU lets only a certificate of role
+head join), tells it its cluster config (cluster id,
 role, head address, member export), which the ISU persists in its isu.json
 and shows at once in its TXT (role, cluster, gen), then records the ISU in
 the head config (`isus`), durable before the call returns. One export per
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from opie.discovery.record import IsuClass
 from opie.head import config as head_config
 from opie.isu import control
+from opie.isu.errors import ControlError
 
 if TYPE_CHECKING:
     from opie.discovery.lease_server import LeaseServer
@@ -199,7 +201,7 @@ class Cluster:
                                                      "head": f"{self.address}:{self.api_port}",
                                                      "exports": exports}, self.head.client_tls,
                                             port=self.control_port)
-            except control.ControlError as exc:
+            except ControlError as exc:
                 raise HeadError(str(exc), 502) from None
             if entry is None:
                 entry = {"uuid": uuid, "role": role, "exports": exports}

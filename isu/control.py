@@ -40,6 +40,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from opie.isu.errors import ControlError
 from opie.nbd import tls
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,6 @@ LINE_MAX = 16 * 1024
 TIMEOUT = 5.0
 HEAD_ROLE = "head"
 HEAD_OPS = frozenset({"join", "fence"})   # ops that change the ISU's cluster config or epoch
-
-
-class ControlError(Exception):
-    """The ISU did not answer, answered garbage, or refused (`ok: false`)."""
 
 
 class ControlServer:

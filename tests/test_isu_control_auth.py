@@ -30,6 +30,7 @@ from opie.head import config as head_config
 from opie.head.cluster import Cluster
 from opie.head.daemon import HeadError
 from opie.isu import control
+from opie.isu.errors import ControlError
 from opie.nbd import tls
 
 CLUSTER = "c1"
@@ -80,7 +81,7 @@ def test_only_a_head_certificate_joins_or_adopts(tmp_path: Path, cluster_tls: di
         before = snapshot(state)
         assert json.loads(before["isu.json"]).get("cluster") is None
         for who, ctx in refused.items():
-            with pytest.raises(control.ControlError):
+            with pytest.raises(ControlError):
                 await control.call("127.0.0.1", JOIN, ctx, port=port)
             assert snapshot(state) == before, f"a join by {who} changed the ISU's state"
 

@@ -29,6 +29,7 @@ import pytest
 from opie.discovery.browse import DiscoveryEvent, EventKind, IsuBrowser
 from opie.isu import control
 from opie.isu.agent import ISUAgent
+from opie.isu.errors import ControlError
 from opie.isu.services import IsuServices, ServiceOptions
 from opie.nbd import tls
 from opie.nbd.client import NBDClient
@@ -94,9 +95,9 @@ def test_announce_control_join_and_udev_disk_events(tmp_path: Path, loop_slot: N
 
             before = state_file.read_bytes()
             assert (await raw_request(port, b"not json\n", head))["ok"] is False
-            with pytest.raises(control.ControlError, match="role"):
+            with pytest.raises(ControlError, match="role"):
                 await control.call("127.0.0.1", {"op": "join", "cluster": "c1", "role": "boss"}, head, port=port)
-            with pytest.raises(control.ControlError, match="exports"):
+            with pytest.raises(ControlError, match="exports"):
                 await control.call("127.0.0.1", {"op": "join", "cluster": "c1", "role": "member",
                                                  "exports": ["nope"]}, head, port=port)
             assert state_file.read_bytes() == before
@@ -112,7 +113,7 @@ def test_announce_control_join_and_udev_disk_events(tmp_path: Path, loop_slot: N
             assert (saved["cluster"], saved["role"], saved["member_exports"], saved["config_gen"]) == (
                 "c1", "member", ["disk0"], 1)
             before = state_file.read_bytes()
-            with pytest.raises(control.ControlError, match="belongs to cluster c1"):
+            with pytest.raises(ControlError, match="belongs to cluster c1"):
                 await control.call("127.0.0.1", {"op": "join", "cluster": "c2", "role": "member"}, head, port=port)
             assert state_file.read_bytes() == before
 
