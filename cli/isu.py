@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from opie.cli.errors import OpieError, UsageError
+from opie.isu.control import CONTROL_PORT
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Serve each --disk as an NBD export named after the file's stem\n"
             "(disk0.img -> export 'disk0'). A missing file is created sparse at SIZE;\n"
             "an existing file or block device is served as it is and never resized.\n\n"
-            "With --tls-dir (a certificate directory made by 'opie ca'), clients must use\n"
-            "TLS and present a certificate signed by the cluster CA; without it plain NBD\n"
-            "is served (tests and benchmarks only).\n\n"
+            "With --tls-dir (a certificate directory made by 'opie ca', role isu), clients\n"
+            "must use TLS and present a certificate signed by the cluster CA, and only a\n"
+            "head's certificate may adopt the ISU. Without it plain NBD is served, on a\n"
+            "loopback address only (tests and benchmarks) unless --insecure is given.\n\n"
             "When ready, prints one JSON line {\"event\": \"ready\", \"uuid\", \"listen\", \"exports\", ...}.\n"
             "SIGTERM or Ctrl-C stops it cleanly (disks synced)."),
         epilog="example: opie isu serve --disk /srv/isu0/disk0.img:2G --listen 127.0.0.1:10809 --tls-dir /etc/opie/tls")
@@ -35,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where the ISU keeps its identity (default /var/lib/opie/isu)")
     s.add_argument("--tls-dir", default=None, metavar="DIR",
                    help="certificate directory (ca-cert.pem, server-cert.pem, server-key.pem)")
+    s.add_argument("--insecure", action="store_true",
+                   help="INSECURE: allow serving without --tls-dir on a network address (0.0.0.0 or a "
+                        "non-loopback address): anyone who reaches it can read and write the disks. "
+                        "Logged at WARNING. Loopback needs no flag")
     s.add_argument("--workers", type=int, default=None, metavar="N",
                    help="serve connections on N threads (default: one per CPU, at least 2; 0 = on the main loop)")
     g = s.add_argument_group("cluster services (see isu/services.py)")
@@ -46,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "then keep renewing it")
     g.add_argument("--cluster-token-file", metavar="FILE",
                    help="the cluster token (hex) that signs lease messages; needed by --lease")
+    g.add_argument("--control-port", type=int, default=CONTROL_PORT, metavar="PORT",
+                   help=f"port of the control channel heads adopt this ISU through, on the announced "
+                        f"address (default {CONTROL_PORT}; 0 picks a free port)")
     g.add_argument("--console", metavar="DEVICE", help="serve the admin console on this serial device")
     g.add_argument("--interface", metavar="IFNAME",
                    help="where a console-set address goes (default: the --lease interface, else eth0)")
@@ -85,7 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from opie.isu.agent import DEFAULT_STATE_DIR, serve
+    from opie.isu.agent import DEFAULT_STATE_DIR
+    from opie.isu.node import serve
     from opie.isu.disks import DiskError
     from opie.isu.identity import IdentityError
     from opie.isu.services import ServiceOptions
@@ -93,9 +103,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         options = ServiceOptions(announce=args.announce, lease=args.lease,
                                  token_file=args.cluster_token_file, console=args.console,
-                                 interface=args.interface, watch_disks=args.watch_disks)
+                                 interface=args.interface, watch_disks=args.watch_disks,
+                                 control_port=args.control_port)
         return serve(args.state_dir or DEFAULT_STATE_DIR, args.disk, args.listen, args.tls_dir, args.workers,
-                     options)
+                     options, insecure=args.insecure)
     except (DiskError, IdentityError) as exc:
         raise UsageError(str(exc)) from None
     except ValueError as exc:

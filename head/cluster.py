@@ -8,7 +8,8 @@ never touched).
 
 Adoption (`adopt(uuid, role)`, behind POST /v1/isus/UUID/adopt): the head
 asks the ISU for its exports over the ISU's control channel (isu.control,
-mutual TLS with the cluster CA), tells it its cluster config (cluster id,
+mutual TLS with the cluster CA; the ISU lets only a certificate of role
+head join), tells it its cluster config (cluster id,
 role, head address, member export), which the ISU persists in its isu.json
 and shows at once in its TXT (role, cluster, gen), then records the ISU in
 the head config (`isus`), durable before the call returns. One export per
@@ -45,6 +46,7 @@ from opie.discovery.record import IsuClass
 from opie.head import config as head_config
 from opie.head.errors import HeadError
 from opie.isu import control
+from opie.isu.errors import ControlError
 from opie.netaddr import parse_host_port
 
 if TYPE_CHECKING:
@@ -67,6 +69,7 @@ class Cluster:
         api_host, self.api_port = parse_host_port(self.cfg.api_listen, default_host="127.0.0.1",
                                                   allow_port_zero=True)
         self.address = self.cfg.discover_address or api_host
+        self.control_port = control.CONTROL_PORT   # where ISUs' control channels listen
         self.registry: IsuRegistry | None = None
         self.lease_server: LeaseServer | None = None
         self._lock = threading.Lock()
@@ -191,14 +194,16 @@ class Cluster:
                 raise HeadError("the array is running; growing it is not supported: adopt the ISU as a spare")
             address = view.record.address
             try:
-                status = await control.call(address, {"op": "status"}, self.head.client_tls)
+                status = await control.call(address, {"op": "status"}, self.head.client_tls,
+                                            port=self.control_port)
                 exports = entry["exports"] if entry else [str(e) for e in status.get("exports", [])][:1]
                 if not exports:
                     raise HeadError(f"ISU {uuid} exports no disk")
                 reply = await control.call(address, {"op": "join", "cluster": self.cfg.cluster_id, "role": role,
                                                      "head": f"{self.address}:{self.api_port}",
-                                                     "exports": exports}, self.head.client_tls)
-            except control.ControlError as exc:
+                                                     "exports": exports}, self.head.client_tls,
+                                            port=self.control_port)
+            except ControlError as exc:
                 raise HeadError(str(exc), 502) from None
             if entry is None:
                 entry = {"uuid": uuid, "role": role, "exports": exports}

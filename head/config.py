@@ -23,7 +23,12 @@ Layout (JSON object, written atomically: temp file, fsync, rename):
      "lease_pool": null,            # "A.B.C.D-E" or CIDR: run the lease server with this pool
      "lease_interface": "eth0", "lease_prefixlen": 24, "lease_secs": 3600,
      "lease_token_file": null,      # cluster token (hex) that signs lease messages
-     "isus": [{"uuid": U, "role": "member"|"spare", "exports": [NAME]}]}   # adopted ISUs
+     "isus": [{"uuid": U, "role": "member"|"spare", "exports": [NAME]}],   # adopted ISUs
+     "insecure": false}             # allow plain listeners on network addresses (below)
+
+Plain listeners: the API is plain HTTP, and the NBD exports are plain
+without tls_dir. On a network address (not loopback) either is refused
+unless `insecure` is true; the head then logs a WARNING at start.
 
 `load` validates every field and raises `ConfigError` naming the field; the
 file on disk is never changed by a failed validation.
@@ -39,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from opie.fileio import atomic_write
+from opie.nbd import tls
 from opie.nbd import uri as nbd_uri
 from opie.netaddr import parse_host_port
 
@@ -106,6 +112,16 @@ class HeadConfig:
     lease_secs: int = 3600
     lease_token_file: str | None = None
     isus: list[dict[str, Any]] = field(default_factory=list)
+    insecure: bool = False
+
+    def plain_network_listeners(self) -> list[tuple[str, str]]:
+        """(field, host) of each listener that would serve without TLS on a network
+        address: api_listen (plain HTTP), nbd_listen without tls_dir. An empty host
+        means loopback (the daemon listens on 127.0.0.1 then)."""
+        listeners = [("api_listen", self.api_listen)] + ([] if self.tls_dir else [("nbd_listen", self.nbd_listen)])
+        hosts = [(name, parse_host_port(addr, default_host="127.0.0.1", allow_port_zero=True)[0])
+                 for name, addr in listeners]
+        return [(name, host) for name, host in hosts if not tls.is_loopback(host)]
 
     def validate(self) -> "HeadConfig":
         """Return self, or raise ConfigError naming the first bad field."""
@@ -122,6 +138,12 @@ class HeadConfig:
                 parse_host_port(getattr(self, key), default_host="127.0.0.1", allow_port_zero=True)
             except ValueError as exc:
                 raise ConfigError(f"{key}: {exc}") from None
+        if not isinstance(self.insecure, bool):
+            raise ConfigError(f"insecure: expected true or false, got {self.insecure!r}")
+        for name, host in self.plain_network_listeners():
+            if not self.insecure:
+                raise ConfigError(f"{name}: {getattr(self, name)} would serve without TLS on a network "
+                                  f"address; listen on loopback, or set \"insecure\": true to allow it anyway")
         for m in self.members:
             try:
                 u = nbd_uri.parse(m)

@@ -71,6 +71,8 @@ class Head:
     def __init__(self, state_dir: str | os.PathLike, cfg: HeadConfig):
         self.state_dir = Path(state_dir)
         self.cfg = cfg
+        for name, host in cfg.plain_network_listeners():   # validated: only with insecure
+            tls.vet_plain_listener(f"{name} {getattr(cfg, name)}", host, insecure=cfg.insecure)
         self.client_tls = tls.client_context(cfg.tls_dir) if cfg.tls_dir else None
         self.server_tls = tls.server_context(cfg.tls_dir) if cfg.tls_dir else None
         self.clients: list = []

@@ -2,23 +2,21 @@
 
 Start order (the seed's 1.8.1): load or create the identity, open every
 disk (refusing the whole start on a bad disk spec, before anything is
-served), then start the NBD server. When ready it prints one JSON line on
-stdout, `{"event": "ready", "uuid": ..., "listen": "HOST:PORT", "exports": [...]}`,
-so a supervisor (the lab, a test) learns the real port even with port 0.
+served), then start the NBD server. The agent knows
+nothing of the cluster services around it (isu.services): it calls the
+hooks of the `AgentServices` it is given, and isu.node composes the two
+and runs them as a process.
 
 TLS: with a tls_dir, the server requires TLS and a client certificate
 signed by the cluster CA (forced-TLS mode); without one it serves plain NBD,
-which only tests and benchmarks should use.
+which only tests and benchmarks should use: on loopback, or elsewhere only
+when the admin passed --insecure.
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
-import signal
-import sys
-from typing import Any
+from typing import Any, Protocol
 
 from opie.isu import identity
 from opie.isu.disks import Disk, DiskError, DiskSpec
@@ -43,16 +41,37 @@ def default_workers() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
+class AgentServices(Protocol):
+    """What the agent runs around its NBD server (isu.services.IsuServices)."""
+
+    async def before_serve(self) -> None:
+        """Runs before the NBD server starts (the address comes first)."""
+
+    async def after_serve(self) -> None:
+        """Runs once the NBD server is listening."""
+
+    async def stop(self) -> None:
+        """Runs before the NBD server closes."""
+
+    def status(self) -> dict[str, Any]:
+        """Fields merged into the agent's status."""
+
+
 class ISUAgent:
     """One ISU: its identity, its disks and the NBD server exporting them."""
 
     def __init__(self, state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, insecure: bool = False):
+        """Refuses (before anything is created) plain NBD on a network address
+        unless `insecure` (nbd.tls.vet_plain_listener)."""
+        self.host, self.port = parse_listen(listen)
+        self.tls_dir = tls_dir
+        self.insecure = insecure
+        if not tls_dir:
+            tls.vet_plain_listener(f"NBD on {listen}", self.host, insecure=insecure)
         self.state_dir = state_dir
         self.config = identity.load(state_dir)
         self.uuid: str = self.config["uuid"]
-        self.host, self.port = parse_listen(listen)
-        self.tls_dir = tls_dir
         specs = [DiskSpec.parse(s) for s in disk_specs]
         if not specs:
             raise DiskError("an ISU needs at least one --disk")
@@ -72,7 +91,7 @@ class ISUAgent:
         self.server = NBDServer(self.disks, tls_context=ctx,
                                 tls_mode=TLSMode.REQUIRE if ctx else TLSMode.OFF,
                                 workers=workers if workers is not None else default_workers())
-        self.services: Any = None  # isu.services.IsuServices: address, presence, console, control, udev
+        self.services: AgentServices | None = None  # address, presence, console, control, udev
 
     def close_disks(self) -> None:
         for d in self.disks.values():
@@ -109,30 +128,3 @@ class ISUAgent:
         return {"uuid": self.uuid, "listen": f"{self.host}:{self.port}", "tls": bool(self.tls_dir),
                 "disks": [d.status() for d in self.disks.values()], "exports": self.export_urls(),
                 **(self.services.status() if self.services else {})}
-
-
-async def run(agent: ISUAgent) -> None:
-    """Serve until SIGTERM or SIGINT, then stop cleanly."""
-    await agent.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(json.dumps({"event": "ready", **agent.status()}), flush=True)
-    await stop.wait()
-    await agent.stop()
-
-
-def serve(state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None,
-          workers: int | None = None, services: Any = None) -> int:
-    """`services`: an isu.services.ServiceOptions, or None for NBD only."""
-    agent = ISUAgent(state_dir, disk_specs, listen, tls_dir, workers)
-    if services is not None and services.wanted:
-        from opie.isu.services import IsuServices  # noqa: PLC0415
-        agent.services = IsuServices(agent, services)
-    try:
-        asyncio.run(run(agent))
-    finally:
-        agent.close_disks()
-    print(json.dumps({"event": "stopped", "uuid": agent.uuid}), flush=True, file=sys.stdout)
-    return 0

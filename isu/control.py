@@ -2,25 +2,34 @@
 
 Independent of NBD: JSON lines over TCP on the well-known CONTROL_PORT
 (like the lease ports, so a head reaches an ISU at the address it
-announces). With a certificate directory both ends use the cluster CA
-(mutual TLS, as for NBD), so only a holder of a cluster certificate can
-adopt an ISU; without one it is plain TCP (tests only). One request line
-(at most LINE_MAX bytes), one reply line, then the connection closes::
+announces; the channel listens on that address only). With a certificate
+directory both ends use the cluster CA (mutual TLS, as for NBD): a client
+without a cluster certificate fails the handshake and learns nothing.
+
+Who may do what (checked here, at the ISU, for every request): `status`
+answers any client the channel accepted; an op that changes the ISU's
+cluster config (HEAD_OPS: `join`, later `fence`) needs a client
+certificate issued for role `head` (nbd.tls roles). An ISU's or an admin's
+certificate, or a channel without TLS (loopback tests; `--insecure`), is
+refused with `ok: false` and nothing changes. One request line (at most
+LINE_MAX bytes), one reply line, then the connection closes::
 
     {"op": "status"}
         -> {"ok": true, "uuid", "nbd_port", "exports": [NAME...], "disks": [...],
             "cluster", "role", "config_gen", ...}
     {"op": "join", "cluster": ID, "role": "member"|"spare", "head": "A.B.C.D:PORT",
-     "exports": [NAME...]}
+     "exports": [NAME...]}                                            (head only)
         -> {"ok": true, "config_gen": N}
            the ISU's copy of the cluster config (isu.json keys cluster, role,
            cluster_head, member_exports, config_gen) is durable before the reply,
            and the announcement's TXT shows it at once.
-    anything else, or a join the ISU refuses (another cluster's ISU)
+    anything else, a join from a client that is not a head, or a join the ISU
+    refuses (another cluster's ISU)
         -> {"ok": false, "error": "..."} and nothing changed.
 
-`ControlServer` is the asyncio shell; what a request means is the
-`handle(dict) -> dict` it is given (isu.services). `call` is the head side.
+`ControlServer` is the asyncio shell and the role check; what a request
+means is the `handle(dict) -> dict` it is given (isu.services). `call` is
+the head side.
 """
 from __future__ import annotations
 
@@ -31,19 +40,21 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from opie.isu.errors import ControlError
+from opie.nbd import tls
+
 log = logging.getLogger(__name__)
 
 CONTROL_PORT = 7869
 LINE_MAX = 16 * 1024
 TIMEOUT = 5.0
-
-
-class ControlError(Exception):
-    """The ISU did not answer, answered garbage, or refused (`ok: false`)."""
+HEAD_ROLE = "head"
+HEAD_OPS = frozenset({"join", "fence"})   # ops that change the ISU's cluster config or epoch
 
 
 class ControlServer:
-    """Serve `handle` (a coroutine function: request -> reply) on host:port, TLS with `ssl_context`."""
+    """Serve `handle` (a coroutine function: request -> reply) on host:port, TLS with
+    `ssl_context`; `handle` sees only requests the client's role allows."""
 
     def __init__(self, handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -58,20 +69,32 @@ class ControlServer:
         log.info("control channel on %s:%d (tls %s)", host, bound, "on" if self.ssl_context else "off")
         return bound
 
+    @property
+    def listening(self) -> str | None:
+        """"HOST:PORT" the channel is bound to, or None when closed."""
+        if self._server is None:
+            return None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
 
-    async def answer(self, raw: bytes) -> dict[str, Any]:
-        """The reply to one request line (without its newline)."""
+    async def answer(self, raw: bytes, role: str | None) -> dict[str, Any]:
+        """The reply to one request line (without its newline) from a client
+        whose verified certificate has `role` (None: no certificate, or no TLS)."""
         try:
             request = json.loads(raw)
         except ValueError:
             return {"ok": False, "error": "expected one JSON object per line"}
         if not isinstance(request, dict) or not isinstance(request.get("op"), str):
             return {"ok": False, "error": "expected a JSON object with an 'op'"}
+        if request["op"] in HEAD_OPS and role != HEAD_ROLE:
+            held = f"a certificate of role {role}" if role else "no certificate"
+            return {"ok": False, "error": f"{request['op']:.20} needs a head's certificate; this client has {held}"}
         try:
             return await self.handle(request)
         except Exception as exc:  # the boundary: log once, answer, keep serving
@@ -88,7 +111,8 @@ class ControlServer:
             else:
                 if not raw.endswith(b"\n"):
                     return
-                reply = await self.answer(raw.rstrip(b"\r\n"))
+                role = tls.peer_role(writer.get_extra_info("peercert")) if self.ssl_context else None
+                reply = await self.answer(raw.rstrip(b"\r\n"), role)
             if not reply.get("ok"):
                 log.warning("control: refused a request from %s: %s", peer and peer[0], reply.get("error"))
             writer.write(json.dumps(reply).encode() + b"\n")

@@ -2,8 +2,9 @@
 
 `IsuServices` composes the discovery and ISU building blocks around one
 `ISUAgent`, which calls `before_serve` (console, then the lease: the address
-comes before anything is served), `after_serve` (control channel, zeroconf
-announcement with heartbeat, lease keeping, udev disk watcher) and `stop`.
+comes before anything is served), `after_serve` (zeroconf announcement with
+heartbeat and the control channel, both on the ISU's address and nowhere
+else; lease keeping, udev disk watcher) and `stop`.
 
 The announcement's TXT is computed from the agent and its `isu.json`:
 disks/capacity from the served disks, state `unconfigured` (no cluster yet),
@@ -11,7 +12,7 @@ disks/capacity from the served disks, state `unconfigured` (no cluster yet),
 copy of the cluster config (written by a head's join, isu.control). Any
 change (join, console setting, a disk failing) re-announces at once; an
 address change (lease renewed to a new address, console `set address`)
-moves the announcement to the new address.
+moves the announcement and the control channel to the new address.
 
 Disks (with `watch_disks`): a whole disk that appears is listed as
 unassigned (status, console); a served disk that disappears is marked
@@ -34,21 +35,24 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from opie.discovery.presence import IsuPresence
 from opie.isu import identity
+from opie.isu.addressing import (AcquiredLease, ConfigError, LeaseClient, LeaseDenied, LeaseTimeout,
+                                 apply_address, parse_head, read_network)
+from opie.isu.console import ConsoleServer, open_console
 from opie.isu.control import CONTROL_PORT, ControlServer
 from opie.isu.disks import DiskState
+from opie.isu.udev import DiskEvent, DiskRoster, DiskWatcher, default_match
+from opie.nbd import tls
 
 if TYPE_CHECKING:
-    from opie.discovery.presence import IsuPresence
-    from opie.isu.addressing import AcquiredLease, LeaseClient
     from opie.isu.agent import ISUAgent
-    from opie.isu.console import ConsoleServer
-    from opie.isu.udev import DiskEvent, DiskRoster, DiskWatcher
 
 log = logging.getLogger(__name__)
 
 CLUSTER_ID_MAX = 64
 LEASE_ATTEMPT_SECS = 10.0
+CONTROL_BIND_SECS = 10.0
 
 
 def read_token(path: str) -> bytes:
@@ -94,8 +98,6 @@ class ServiceOptions:
 
 def _agent_console(port: Any, services: IsuServices) -> ConsoleServer:
     """The serial console of this agent: its `handle` re-announces after each accepted setting."""
-    from opie.isu.console import ConsoleServer  # noqa: PLC0415 (pyserial only when used)
-
     class AgentConsole(ConsoleServer):
         def handle(self, raw: bytes) -> list[str]:
             lines = super().handle(raw)
@@ -109,6 +111,11 @@ def _agent_console(port: Any, services: IsuServices) -> ConsoleServer:
 
 class IsuServices:
     def __init__(self, agent: ISUAgent, options: ServiceOptions) -> None:
+        """Without TLS, refuses a control channel that would listen on a network
+        address (a leased or console-set one counts) unless the agent is `insecure`."""
+        if not agent.tls_dir and (options.announce or options.lease or options.console):
+            tls.vet_plain_listener("the control channel", None if options.lease or options.console
+                                   else options.announce, insecure=agent.insecure)
         self.agent = agent
         self.options = options
         self.ifname = options.interface or options.lease or "eth0"
@@ -128,13 +135,13 @@ class IsuServices:
         self._lease: AcquiredLease | None = None
         self._devices: dict[str, str] = {}
         self._serving = False
+        self._loop: asyncio.AbstractEventLoop | None = None   # the agent's, once serving
 
     # ------------------------------------------------------------ lifecycle
     async def before_serve(self) -> None:
         """Console first (an admin may need it to give the address), then the lease."""
         loop = asyncio.get_running_loop()
         if self.options.console:
-            from opie.isu.console import open_console  # noqa: PLC0415
             self._console_port = open_console(self.options.console)
             self._console = _agent_console(self._console_port, self)
             self._thread(self._console.serve, "isu-console")
@@ -142,19 +149,13 @@ class IsuServices:
             self._lease = await loop.run_in_executor(None, self._acquire)
             self.address = str(self._lease.address.ip)
         if self.address is None and self.options.console:
-            from opie.isu.addressing import read_network  # noqa: PLC0415
             persisted = read_network(self.agent.state_dir).address
             if persisted:
                 self.address = str(ipaddress.IPv4Interface(persisted).ip)
 
     async def after_serve(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._serving = True
-        if self.options.lease or self.options.announce or self.options.console:
-            from opie.nbd import tls  # noqa: PLC0415
-            ctx = tls.server_context(self.agent.tls_dir) if self.agent.tls_dir else None
-            self.control = ControlServer(self._handle_control, ctx)
-            self.control_port = await self.control.start("0.0.0.0", self.options.control_port)
         if self.address is not None:
             await loop.run_in_executor(None, self._move_presence, self.address)
         if self._lease is not None and self._lease_client is not None:
@@ -193,7 +194,6 @@ class IsuServices:
     # ------------------------------------------------------------ address
     def _acquire(self) -> AcquiredLease:
         """Lease an address, retrying until a lease server answers (nothing is served before)."""
-        from opie.isu.addressing import LeaseClient, LeaseDenied, LeaseTimeout  # noqa: PLC0415
         assert self.options.lease is not None and self.token is not None
         self._lease_client = LeaseClient(self.options.lease, self.token, self.agent.state_dir,
                                          uuid=None)
@@ -213,15 +213,14 @@ class IsuServices:
 
     def apply_console_address(self, iface: ipaddress.IPv4Interface) -> None:
         """The console's apply hook: the address on the interface, the announcement moved there."""
-        from opie.isu.addressing import apply_address  # noqa: PLC0415
         apply_address(self.ifname, iface)
         self.config_changed()
         if self._serving:
             self._move_presence(str(iface.ip))
 
     def _move_presence(self, address: str) -> None:
-        """(Re)announce on `address`; blocking (~1 s of mDNS probing)."""
-        from opie.discovery.presence import IsuPresence  # noqa: PLC0415
+        """(Re)announce on `address`, and move the control channel there; blocking
+        (~1 s of mDNS probing). Any thread but the agent's loop."""
         with self._lock:
             if self.presence is not None:
                 if self.presence.record.address == address:
@@ -229,6 +228,8 @@ class IsuServices:
                 self.presence.close()
                 self.presence = None
             self.address = address
+            assert self._loop is not None
+            asyncio.run_coroutine_threadsafe(self._bind_control(address), self._loop).result(CONTROL_BIND_SECS)
             presence = IsuPresence(self.agent.uuid, address, self.agent.port, **self.txt_fields())
             presence.start()
             self.presence = presence
@@ -264,7 +265,9 @@ class IsuServices:
 
     def status(self) -> dict[str, Any]:
         cfg = identity.load(self.agent.state_dir)
-        return {"address": self.address, "state": self.state(), "cluster": cfg.get("cluster") or "",
+        control = self.control.listening if self.control is not None else None
+        return {"address": self.address, "control": control, "state": self.state(),
+                "cluster": cfg.get("cluster") or "",
                 "role": cfg.get("role") or "", "config_gen": int(cfg.get("config_gen", 0)),
                 "unassigned_disks": sorted(self.roster.unassigned) if self.roster else [],
                 "failed_disks": sorted(n for n, d in self.agent.disks.items()
@@ -279,6 +282,16 @@ class IsuServices:
                 "unassigned": " ".join(st["unassigned_disks"]) or "-"}
 
     # ------------------------------------------------------------ control channel
+    async def _bind_control(self, address: str) -> None:
+        """Serve the control channel on `address` only (where heads reach this ISU),
+        closing it where it was. Mutual TLS with the agent's certificates; without
+        them only `status` is answered (isu.control)."""
+        if self.control is not None:
+            await self.control.close()
+        ctx = tls.server_context(self.agent.tls_dir) if self.agent.tls_dir else None
+        self.control = ControlServer(self._handle_control, ctx)
+        self.control_port = await self.control.start(address, self.control_port or self.options.control_port)
+
     async def _handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request["op"]
         if op == "status":
@@ -291,7 +304,6 @@ class IsuServices:
 
     def _join(self, request: dict[str, Any]) -> dict[str, Any]:
         """Take the cluster config a head sends; durable before the reply."""
-        from opie.isu.addressing import ConfigError, parse_head  # noqa: PLC0415
         cluster, role, head = request.get("cluster"), request.get("role"), request.get("head")
         exports = request.get("exports", [])
         if not isinstance(cluster, str) or not 1 <= len(cluster) <= CLUSTER_ID_MAX \
@@ -320,7 +332,6 @@ class IsuServices:
 
     # ------------------------------------------------------------ disks
     def _start_watcher(self) -> None:
-        from opie.isu.udev import DiskRoster, DiskWatcher, default_match  # noqa: PLC0415
         pattern = self.options.watch_disks
         match = (lambda name: fnmatch.fnmatchcase(name, pattern)) if pattern else default_match
         self._devices = self._kernel_names()

@@ -128,7 +128,7 @@ class NetnsLab:
         ca = self.dir / "ca"
         if not (ca / tls.CA_CERT).exists():
             tls.create_ca(ca, name=f"Opie netns lab CA ({self.dir.name})")
-        tls.issue(ca, self.dir / "tls", client_name="opie-lab-admin")
+        tls.issue(ca, self.dir / "tls", client_name="opie-lab-admin", role="admin")
         token = self.dir / "cluster-token"
         if not token.exists():
             fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -141,7 +141,7 @@ class NetnsLab:
         home = self.dir / "head"
         home.mkdir(parents=True, exist_ok=True)
         tls.issue(self.dir / "ca", home / "tls", server_names=[self.head_address],
-                  client_name="opie-lab-head0")
+                  client_name="opie-lab-head0", role="head")
         if not (home / head_config.FILENAME).exists():
             cfg = head_config.HeadConfig(
                 members=[], tls_dir=str(home / "tls"), mount_root=str(self.dir / "mnt"),
@@ -151,7 +151,8 @@ class NetnsLab:
                 discover=True, cluster_id=self.cluster_id, discover_members=self.n_isus,
                 discover_timeout=self.discover_timeout,
                 lease_pool=f"{self.pool[0]}-{self.pool[-1]}", lease_interface="eth0",
-                lease_prefixlen=self.subnet.prefixlen, lease_token_file=str(self.dir / "cluster-token"))
+                lease_prefixlen=self.subnet.prefixlen, lease_token_file=str(self.dir / "cluster-token"),
+                insecure=True)   # the API is plain HTTP on the lab bridge (NBD and control use TLS)
             head_config.save(home, cfg)
         log_path, out_path = home / "head.log", home / "head.out"
         with open(log_path, "ab") as logf, open(out_path, "wb") as outf:
@@ -192,7 +193,7 @@ class NetnsLab:
         home = self.dir / f"isu{index}"
         home.mkdir(parents=True, exist_ok=True)
         tls.issue(self.dir / "ca", home / "tls", server_names=[str(a) for a in self.pool],
-                  client_name=f"opie-lab-isu{index}")
+                  client_name=f"opie-lab-isu{index}", role="isu")
         disk = home / "disk0.img"
         spec = str(disk) if disk.exists() else f"{disk}:{self.disk_size}"
         log_path, out_path = home / "isu.log", home / "isu.out"

@@ -118,14 +118,14 @@ class Lab:
         if not (ca / tls.CA_CERT).exists():
             tls.create_ca(ca, name=f"Opie lab CA ({self.dir.name})")
         admin = self.dir / "tls"
-        tls.issue(ca, admin, client_name="opie-lab-admin")
+        tls.issue(ca, admin, client_name="opie-lab-admin", role="admin")
         return ca
 
     def _start_isu(self, index: int, ca: Path) -> dict[str, Any]:
         home = self.dir / f"isu{index}"
         home.mkdir(parents=True, exist_ok=True)
         tls_dir = home / "tls"
-        tls.issue(ca, tls_dir, client_name=f"opie-lab-isu{index}")
+        tls.issue(ca, tls_dir, client_name=f"opie-lab-isu{index}", role="isu")
         disk = home / "disk0.img"
         spec = str(disk) if disk.exists() else f"{disk}:{self.disk_size}"
         port = _lab_port(home)
@@ -146,7 +146,7 @@ class Lab:
         home = self.dir / "head"
         home.mkdir(parents=True, exist_ok=True)
         tls_dir = home / "tls"
-        tls.issue(ca, tls_dir, client_name="opie-lab-head0")
+        tls.issue(ca, tls_dir, client_name="opie-lab-head0", role="head")
         members = [e for isu in self.lab["isus"] for e in isu["exports"]]
         fresh = not (home / head_config.FILENAME).exists()
         if fresh:

@@ -1,5 +1,6 @@
-"""Errors of the NBD client a caller may want to tell apart. Both are
-`OSError` with an errno, as every client failure is (see nbd.client)."""
+"""Errors of the nbd package that callers outside it catch by type. The
+client's are `OSError` with an errno, as every client failure is (see
+nbd.client)."""
 from __future__ import annotations
 
 import errno
@@ -21,3 +22,8 @@ class WritesLost(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EIO, message)
+
+
+class PlainListenerRefused(ValueError):
+    """A listener would serve without TLS on a network address and the admin did
+    not pass --insecure (nbd.tls.vet_plain_listener); nothing was started."""

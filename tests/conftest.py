@@ -14,13 +14,17 @@ from proc_support import start_isu, start_nbdkit, stop  # noqa: E402
 
 @pytest.fixture(scope="session")
 def cluster_tls(tmp_path_factory):
-    """A cluster CA and a host certificate directory signed by it."""
+    """A cluster CA and certificate directories signed by it: `dir` of role
+    head (a head's, also used for ISUs where roles do not matter), `isu` of
+    role isu (an ISU's)."""
     from opie.nbd import tls
     ca = tmp_path_factory.mktemp("ca")
     tls.create_ca(ca)
-    host = tmp_path_factory.mktemp("tls")
-    tls.issue(ca, host, client_name="opie-test-head")
-    return {"ca": str(ca), "dir": str(host)}
+    head = tmp_path_factory.mktemp("tls")
+    tls.issue(ca, head, client_name="opie-test-head", role="head")
+    isu = tmp_path_factory.mktemp("tls-isu")
+    tls.issue(ca, isu, client_name="opie-test-isu", role="isu")
+    return {"ca": str(ca), "dir": str(head), "isu": str(isu)}
 
 
 @pytest.fixture

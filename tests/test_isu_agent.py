@@ -89,5 +89,6 @@ def test_sigterm_stops_cleanly(tmp_path):
 def test_help_reads_like_a_man_page():
     res = opie("isu", "serve", "--help")
     assert res.returncode == 0
-    for word in ("--disk", "PATH[:SIZE]", "--tls-dir", "sparse", "never resized", "example"):
+    for word in ("--disk", "PATH[:SIZE]", "--tls-dir", "sparse", "never resized", "example", "--insecure",
+                 "INSECURE"):
         assert word in res.stdout

@@ -2,7 +2,8 @@
 
 - Announcement: an independent python-zeroconf browser sees the agent's TXT
   (state unconfigured, disks, capacity, version) and its goodbye at stop.
-- Control channel (isu/control.py): status; a join is durable in isu.json,
+- Control channel (isu/control.py, mutual TLS; the ISU holds an ISU's
+  certificate, the client a head's): status; a join is durable in isu.json,
   bumps the config generation and shows in the TXT within 1 s (state
   ready, cluster, role); a join for another cluster, a bad role and a
   malformed line are refused and change nothing.
@@ -28,7 +29,9 @@ import pytest
 from opie.discovery.browse import DiscoveryEvent, EventKind, IsuBrowser
 from opie.isu import control
 from opie.isu.agent import ISUAgent
+from opie.isu.errors import ControlError
 from opie.isu.services import IsuServices, ServiceOptions
+from opie.nbd import tls
 from opie.nbd.client import NBDClient
 from test_udev_loop import LOOP_CTL_ADD, LOOP_CTL_REMOVE, NAME, loop_ctl, loop_slot  # noqa: F401 (fixture)
 
@@ -58,8 +61,8 @@ class Seen:
         raise AssertionError(f"browser saw no {kind.value} {txt} for {uuid} within {timeout} s")
 
 
-async def raw_request(port: int, line: bytes) -> dict:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def raw_request(port: int, line: bytes, ctx) -> dict:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1")
     writer.write(line)
     await writer.drain()
     reply = json.loads(await reader.readline())
@@ -67,11 +70,13 @@ async def raw_request(port: int, line: bytes) -> dict:
     return reply
 
 
-def test_announce_control_join_and_udev_disk_events(tmp_path: Path, loop_slot: None) -> None:
+def test_announce_control_join_and_udev_disk_events(tmp_path: Path, loop_slot: None, cluster_tls: dict) -> None:
     seen = Seen()
     browser = IsuBrowser("127.0.0.1", "c1", seen)
     browser.start()   # outside the event loop: zeroconf runs its own loop thread
-    agent = ISUAgent(str(tmp_path / "isu"), [f"{tmp_path}/disk0.img:{DISK_BYTES}"], "127.0.0.1:0")
+    agent = ISUAgent(str(tmp_path / "isu"), [f"{tmp_path}/disk0.img:{DISK_BYTES}"], "127.0.0.1:0",
+                     tls_dir=cluster_tls["isu"])
+    head = tls.client_context(cluster_tls["dir"])
     agent.services = IsuServices(agent, ServiceOptions(announce="127.0.0.1", watch_disks=NAME, control_port=0))
     state_file = tmp_path / "isu" / "isu.json"
 
@@ -85,21 +90,21 @@ def test_announce_control_join_and_udev_disk_events(tmp_path: Path, loop_slot: N
                 "unconfigured", 1, DISK_BYTES, "", "", agent.port)
             assert r.version and r.hb_port
             port = services.control_port
-            status = await control.call("127.0.0.1", {"op": "status"}, port=port)
+            status = await control.call("127.0.0.1", {"op": "status"}, head, port=port)
             assert (status["uuid"], status["exports"], status["nbd_port"]) == (agent.uuid, ["disk0"], agent.port)
 
             before = state_file.read_bytes()
-            assert (await raw_request(port, b"not json\n"))["ok"] is False
-            with pytest.raises(control.ControlError, match="role"):
-                await control.call("127.0.0.1", {"op": "join", "cluster": "c1", "role": "boss"}, port=port)
-            with pytest.raises(control.ControlError, match="exports"):
+            assert (await raw_request(port, b"not json\n", head))["ok"] is False
+            with pytest.raises(ControlError, match="role"):
+                await control.call("127.0.0.1", {"op": "join", "cluster": "c1", "role": "boss"}, head, port=port)
+            with pytest.raises(ControlError, match="exports"):
                 await control.call("127.0.0.1", {"op": "join", "cluster": "c1", "role": "member",
-                                                 "exports": ["nope"]}, port=port)
+                                                 "exports": ["nope"]}, head, port=port)
             assert state_file.read_bytes() == before
 
             t0 = time.time()
             reply = await control.call("127.0.0.1", {"op": "join", "cluster": "c1", "role": "member",
-                                                     "head": "127.0.0.1:8080", "exports": ["disk0"]}, port=port)
+                                                     "head": "127.0.0.1:8080", "exports": ["disk0"]}, head, port=port)
             assert reply["config_gen"] == 1
             at, _ = await seen.wait(agent.uuid, EventKind.CHANGED, 1.0, state="ready", role="member",
                                     cluster="c1", config_gen=1)
@@ -108,8 +113,8 @@ def test_announce_control_join_and_udev_disk_events(tmp_path: Path, loop_slot: N
             assert (saved["cluster"], saved["role"], saved["member_exports"], saved["config_gen"]) == (
                 "c1", "member", ["disk0"], 1)
             before = state_file.read_bytes()
-            with pytest.raises(control.ControlError, match="belongs to cluster c1"):
-                await control.call("127.0.0.1", {"op": "join", "cluster": "c2", "role": "member"}, port=port)
+            with pytest.raises(ControlError, match="belongs to cluster c1"):
+                await control.call("127.0.0.1", {"op": "join", "cluster": "c2", "role": "member"}, head, port=port)
             assert state_file.read_bytes() == before
 
             t0 = time.monotonic()
@@ -118,7 +123,7 @@ def test_announce_control_join_and_udev_disk_events(tmp_path: Path, loop_slot: N
                 assert time.monotonic() - t0 < 5, "new disk never listed as unassigned"
                 await asyncio.sleep(0.01)
             print(f"new disk {NAME} listed as unassigned after {time.monotonic() - t0:.3f} s")
-            status = await control.call("127.0.0.1", {"op": "status"}, port=port)
+            status = await control.call("127.0.0.1", {"op": "status"}, head, port=port)
             assert status["unassigned_disks"] == [NAME] and status["state"] == "ready"
 
             services._devices[NAME] = "disk0"     # NAME now stands for the served member disk
@@ -127,8 +132,8 @@ def test_announce_control_join_and_udev_disk_events(tmp_path: Path, loop_slot: N
             loop_ctl(LOOP_CTL_REMOVE)
             at, _ = await seen.wait(agent.uuid, EventKind.CHANGED, 1.0, state="degraded")
             print(f"member disk removed -> TXT state degraded seen by a browser after {at - t1:.3f} s")
-            assert (await control.call("127.0.0.1", {"op": "status"}, port=port))["failed_disks"] == ["disk0"]
-            client = await NBDClient.connect("127.0.0.1", agent.port, "disk0", timeout=5)
+            assert (await control.call("127.0.0.1", {"op": "status"}, head, port=port))["failed_disks"] == ["disk0"]
+            client = await NBDClient.connect("127.0.0.1", agent.port, "disk0", tls_context=head, timeout=5)
             try:
                 with pytest.raises(OSError) as exc:
                     await client.read(0, 4096)
