@@ -100,7 +100,11 @@ class Head:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(32) + "\n")
-        return path.read_text().strip()
+        token = path.read_text().strip()
+        if not token:  # refused before anything starts (the API refuses it too)
+            raise head_config.ConfigError(f"api-token: the head's API token in {self.state_dir} is empty; "
+                                          f"delete {path} and the head makes a new one")
+        return token
 
     async def start(self) -> None:
         cfg = self.cfg
