@@ -29,7 +29,15 @@ def package_dirs() -> dict[str, Path]:
     """opie package name -> its directory, from pyproject's package-dir mapping."""
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     mapping = cfg["package-dir"]
-    return {pkg: ROOT / mapping[pkg] if pkg in mapping else ROOT / mapping["opie"] for pkg in cfg["packages"]}
+
+    def where(pkg: str) -> Path:  # as setuptools does: the nearest mapped parent, then the rest
+        parent, rest = pkg, []
+        while parent not in mapping:
+            parent, _, last = parent.rpartition(".")
+            rest.insert(0, last)
+        return ROOT.joinpath(mapping[parent], *rest)
+
+    return {pkg: where(pkg) for pkg in cfg["packages"]}
 
 
 def modules() -> dict[str, Path]:
