@@ -1,8 +1,12 @@
-"""ARP probe (RFC 5227 style): does any host on a link already use an address?
+"""ARP on a link: the probe (RFC 5227 style) and the gratuitous announcement.
 
-Used by the lease server before it offers an address for the first time, so
-an address an admin configured by hand on some box is not handed out again.
-Needs CAP_NET_RAW; runs in the caller's network namespace.
+The probe asks whether any host on a link already uses an address; the lease
+server runs it before it offers an address for the first time, so an address
+an admin configured by hand on some box is not handed out again. The
+announcement (what `arping -U` sends) tells the link's neighbours that an
+address now lives at this interface's MAC; the head that takes the service
+address sends it. Both need CAP_NET_RAW and run in the caller's network
+namespace.
 """
 from __future__ import annotations
 
@@ -21,10 +25,24 @@ _ETH = struct.Struct("!6s6sH")
 _ARP = struct.Struct("!HHBBH6s4s6s4s")
 
 
+def _request_frame(src_mac: bytes, sender_ip: bytes, target_ip: bytes) -> bytes:
+    """A broadcast ARP request (op 1) from `src_mac` with the given sender and target IPs."""
+    return (_ETH.pack(b"\xff" * 6, src_mac, ETH_P_ARP)
+            + _ARP.pack(1, 0x0800, 6, 4, 1, src_mac, sender_ip, bytes(6), target_ip))
+
+
 def probe_frame(src_mac: bytes, target: ipaddress.IPv4Address) -> bytes:
     """A broadcast ARP request for `target` with sender IP 0.0.0.0 (a probe)."""
-    return (_ETH.pack(b"\xff" * 6, src_mac, ETH_P_ARP)
-            + _ARP.pack(1, 0x0800, 6, 4, 1, src_mac, bytes(4), bytes(6), target.packed))
+    return _request_frame(src_mac, bytes(4), target.packed)
+
+
+def announce_frame(src_mac: bytes, address: ipaddress.IPv4Address) -> bytes:
+    """A gratuitous ARP: a broadcast request whose sender and target IP are both `address`.
+
+    A neighbour that has an entry for `address` replaces its MAC with
+    `src_mac` (a request, not a reply, as `arping -U` sends it); nobody answers.
+    """
+    return _request_frame(src_mac, address.packed, address.packed)
 
 
 def claims(frame: bytes, target: ipaddress.IPv4Address, own_mac: bytes) -> bool:
@@ -52,3 +70,23 @@ def arp_probe(ifname: str, target: ipaddress.IPv4Address, timeout: float = 0.2, 
                     log.info("%s: %s is in use (ARP answer)", ifname, target)
                     return True
     return False
+
+
+def gratuitous_arp(ifname: str, address: ipaddress.IPv4Address, count: int = 1,
+                   interval: float = 1.0) -> None:
+    """Send `count` gratuitous ARPs for `address` from `ifname`'s MAC, `interval` s apart.
+
+    Returns once they are handed to the link (blocks (count-1)*interval s);
+    nothing confirms that a neighbour took them. Linux neighbours ignore a
+    second update within their locktime (1 s by default), so a repeat is only
+    worth sending at `interval` >= 1 s, for a neighbour that looked the
+    address up just before the first. OSError if the interface is missing or down.
+    """
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
+        sock.bind((ifname, ETH_P_ARP))
+        frame = announce_frame(sock.getsockname()[4], address)
+        for i in range(count):
+            if i:
+                time.sleep(interval)
+            sock.send(frame)
+    log.debug("%s: gratuitous ARP for %s sent (%d)", ifname, address, count)

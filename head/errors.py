@@ -12,3 +12,9 @@ class HeadError(Exception):
     def __init__(self, message: str, status: int = 409):
         super().__init__(message)
         self.status = status
+
+
+class ServiceAddressError(Exception):
+    """The service address or the list of its client connections cannot be
+    handled: no such interface, the kernel refused, or a published list is
+    malformed. Nothing was changed by the call that raised it."""
