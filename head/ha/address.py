@@ -62,7 +62,7 @@ class ServiceAddress:
             return any(msg.get_attr("IFA_LOCAL") == str(self.address) and msg["prefixlen"] == PREFIXLEN
                        for msg in ipr.addr("dump", family=socket.AF_INET, index=index))
 
-    def _change(self, command: str, unchanged: int) -> bool:
+    def _change(self, command: str, unchanged: int, done: str) -> bool:
         """`ip addr COMMAND` of the /32; False if the kernel answers `unchanged` (nothing to do)."""
         with IPRoute() as ipr:
             index = self._index(ipr)
@@ -72,7 +72,7 @@ class ServiceAddress:
                 if exc.code == unchanged:
                     return False
                 raise ServiceAddressError(f"{self.ifname}: {command} {self.address}/32: {exc}") from exc
-        log.info("%s: service address %s/32: %s done", self.ifname, self.address, command)
+        log.info("%s: service address %s/32 %s", self.ifname, self.address, done)
         return True
 
     def add(self) -> bool:
@@ -81,7 +81,7 @@ class ServiceAddress:
         Once it returns the kernel answers ARP for the address and accepts
         connections to it; neighbours learn the new MAC only from `announce`.
         """
-        return self._change("add", errno.EEXIST)
+        return self._change("add", errno.EEXIST, "added")
 
     def remove(self) -> bool:
         """Take the address off the interface; True if this call removed it, False if it was not there.
@@ -89,7 +89,7 @@ class ServiceAddress:
         Connections already open to the address keep their sockets; the
         kernel no longer answers ARP for it nor accepts new connections.
         """
-        return self._change("del", errno.EADDRNOTAVAIL)
+        return self._change("del", errno.EADDRNOTAVAIL, "removed")
 
     def does_arp(self) -> bool:
         """False for a loopback or NOARP interface, where announcing means nothing."""
