@@ -192,7 +192,7 @@ def test_passive_follows_every_commit_survives_loss_and_catches_up(tmp_path: Pat
         pool, device = await new_pool()
         watch = Watch()
         sender = MirrorSender("127.0.0.1", port, cluster_tls["dir"], on_state=watch,
-                              timeout=BOUND, retry=0.1, ping_interval=0.2)
+                              timeout=BOUND, retry=0.1, ping_interval=0.005)
         sender.start(await pool.set_commit_hook(sender.on_commit))
         try:
             await watch.until(MirrorState.CURRENT)

@@ -53,10 +53,13 @@ class MirrorState(enum.Enum):
     STALE = "stale"
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """The next whole frame; FrameError if it fails a check, IncompleteReadError at EOF."""
+async def read_frame(reader: asyncio.StreamReader,
+                     rest_timeout: float | None = None) -> tuple[int, bytes]:
+    """The next whole frame; FrameError if it fails a check, IncompleteReadError
+    at EOF, TimeoutError if the frame started but its rest took `rest_timeout`."""
     head = await reader.readexactly(mf.HEADER_SIZE)
-    rest = await reader.readexactly(mf.frame_length(head) - mf.HEADER_SIZE)
+    rest = await asyncio.wait_for(reader.readexactly(mf.frame_length(head) - mf.HEADER_SIZE),
+                                  rest_timeout)
     return mf.unframe(head + rest)
 
 
@@ -160,10 +163,7 @@ class MirrorReceiver:
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read one frame, do it, answer. FrameError for a bad frame (the copy unchanged)."""
-        head = await reader.readexactly(mf.HEADER_SIZE)
-        rest = await asyncio.wait_for(
-            reader.readexactly(mf.frame_length(head) - mf.HEADER_SIZE), FRAME_TIMEOUT)
-        kind, payload = mf.unframe(head + rest)
+        kind, payload = await read_frame(reader, FRAME_TIMEOUT)
         if kind not in (mf.FULL, mf.RECORD, mf.PING):
             raise FrameError(f"frame kind: expected FULL, RECORD or PING, got {kind}")
         if kind == mf.PING:
@@ -203,7 +203,8 @@ class MirrorSender:
         self.retry, self.ping_interval = retry, ping_interval
         self.state = MirrorState.STALE
         self.pool_uuid = mf.NO_POOL
-        self.seq = 0
+        self.seq = 0                          # the last transaction the pool committed
+        self._acked = 0                       # the last one the passive acknowledged
         self._pages: dict[int, bytes] = {}
         self._changed: set[int] = set()       # pages changed since the last catch-up snapshot
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -217,12 +218,14 @@ class MirrorSender:
         self._task = asyncio.create_task(self._run(), name="mirror-sender")
 
     async def close(self) -> None:
-        """Stop mirroring (the hook then only keeps the active's own copy)."""
+        """Stop mirroring: STALE from now on (the hook then only keeps the
+        active's own copy; remove it from the pool too)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self._drop()
+        self._set_state(MirrorState.STALE)
 
     async def on_commit(self, record: MetadataCommit) -> None:
         """The pool's commit hook: returns once the passive has persisted
@@ -263,6 +266,7 @@ class MirrorSender:
         if (reply.pool_uuid, reply.seq) != (self.pool_uuid, seq):
             raise MirrorError(f"passive acknowledged {reply.pool_uuid} at {reply.seq}, "
                               f"expected {self.pool_uuid} at {seq}")
+        self._acked = seq
 
     def _set_state(self, state: MirrorState) -> None:
         if state is self.state:
@@ -317,7 +321,7 @@ class MirrorSender:
         async with asyncio.timeout(self.timeout):
             async with self._io:
                 if self.state is MirrorState.CURRENT:
-                    await self._exchange(mf.frame(mf.PING, b""), self.seq)
+                    await self._exchange(mf.frame(mf.PING, b""), self._acked)
 
     async def _run(self) -> None:
         """Keep the passive current: reconnect and catch up while STALE, ping while CURRENT."""
