@@ -5,12 +5,20 @@ the free segments, the segments whose mapping is not yet durable, and the
 commit that makes data and mapping durable. Management (`pool`) needs the
 same plus the catalog and the volumes. Both are given one `PoolCore`, so
 neither reaches into the other's fields. Loop-only.
+
+The commit hook (`on_commit`) is how the passive head's copy of the metadata
+is kept: every committed journal transaction is handed to it as a
+`MetadataCommit`, in sequence order, after it is durable on the device and
+before the commit returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 from opie.head.volumes.allocator import SegmentAllocator
 from opie.head.volumes.catalog import Catalog
@@ -20,6 +28,20 @@ from opie.head.volumes.mapping import SegmentTable
 from opie.head.volumes.metastore import MetaStore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetadataCommit:
+    """Committed metadata pages of pool `pool_uuid` as of transaction `seq`:
+    one transaction's pages (page number -> framed 4 KiB image), or every
+    page (a base to apply later transactions to). `seq` only grows."""
+
+    pool_uuid: uuid.UUID
+    seq: int
+    pages: Mapping[int, bytes]
+
+
+CommitHook = Callable[[MetadataCommit], Awaitable[None]]
 
 
 class PoolCore:
@@ -35,6 +57,7 @@ class PoolCore:
         self.alloc = alloc
         self.unsettled: set[int] = set()   # new segments whose mapping is not yet durable
         self._commit_lock = asyncio.Lock()
+        self._on_commit: CommitHook | None = None
 
     @property
     def segment_size(self) -> int:
@@ -43,7 +66,9 @@ class PoolCore:
     async def commit(self) -> None:
         """Make every write that returned before this call durable, with the
         mapping that points at it (data is flushed before the metadata).
-        Segments freed before the call become reusable when it returns."""
+        Segments freed before the call become reusable when it returns.
+        With a commit hook, a commit that wrote a transaction returns only
+        after the hook has returned for it (the hook bounds its own wait)."""
         async with self._commit_lock:
             table, catalog = self.table, self.catalog
             images = {p: table.page_image(p) for p in table.dirty_pages}
@@ -66,6 +91,24 @@ class PoolCore:
                 raise
             self.alloc.give_back(frees)
             self.unsettled -= settled
+            if self._on_commit is not None:
+                await self._on_commit(MetadataCommit(self.store.superblock.pool_uuid,
+                                                     self.store.committed_seq, images))
+
+    @property
+    def generation(self) -> tuple[uuid.UUID, int]:
+        """(pool uuid, sequence number of the last committed transaction)."""
+        return self.store.superblock.pool_uuid, self.store.committed_seq
+
+    async def set_commit_hook(self, hook: CommitHook | None) -> MetadataCommit:
+        """From the next commit on, await `hook(record)` for every committed
+        transaction (None: no hook). Returns every page as committed now: the
+        base those records apply to, with no commit in between."""
+        async with self._commit_lock:
+            self._on_commit = hook
+            pages = await self.store.committed_pages()
+            return MetadataCommit(self.store.superblock.pool_uuid, self.store.committed_seq,
+                                  dict(enumerate(pages)))
 
     async def reserve(self, n: int) -> list[int]:
         """`n` free segments; commits first if freed ones are pending.

@@ -90,8 +90,7 @@ class MetaStore:
         geo = Geometry(sb.device_size, sb.segment_size, sb.catalog_pages, sb.table_pages,
                        sb.journal_blocks, sb.segment_count)
         cls._check_geometry(geo)
-        raw = await device.read(geo.page_offset(0), geo.meta_pages * META_BLOCK)
-        pages = [raw[i * META_BLOCK:(i + 1) * META_BLOCK] for i in range(geo.meta_pages)]
+        pages = await cls._read_pages(device, geo)
         unplaced: dict[int, bytes] = {}
         head, seq = 0, await cls._first_seq(device, geo, sb)
         while head < geo.journal_blocks:
@@ -130,6 +129,12 @@ class MetaStore:
                     "starts at transaction %d); replaying from there", sb.pool_uuid,
                     sb.generation, got_seq)
         return got_seq
+
+    @staticmethod
+    async def _read_pages(device: BlockDevice, geo: Geometry) -> list[bytes]:
+        """The in-place metadata pages, unchecked."""
+        raw = await device.read(geo.page_offset(0), geo.meta_pages * META_BLOCK)
+        return [raw[i * META_BLOCK:(i + 1) * META_BLOCK] for i in range(geo.meta_pages)]
 
     @staticmethod
     def _check_geometry(geo: Geometry) -> None:
@@ -179,6 +184,22 @@ class MetaStore:
         self._head += need
         self._seq += 1
         self._unplaced.update(images)
+
+    @property
+    def committed_seq(self) -> int:
+        """Sequence number of the last committed transaction (0 for a pool
+        that has none yet). It only grows, across checkpoints and reopens:
+        with the pool uuid it names the committed metadata state."""
+        return self._seq - 1
+
+    async def committed_pages(self) -> list[bytes]:
+        """Every metadata page as last committed: the in-place pages read from
+        the device, overlaid by the images only in the journal. Callers hold
+        the pool's commit lock (no commit or checkpoint in between)."""
+        pages = await self._read_pages(self._dev, self.geometry)
+        for page_no, image in self._unplaced.items():
+            pages[page_no] = image
+        return pages
 
     async def checkpoint(self) -> None:
         """Write committed pages in place and restart the journal (see module doc)."""

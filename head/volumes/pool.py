@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 
 import numpy as np
 
 from opie.head.volumes.allocator import SegmentAllocator
 from opie.head.volumes.catalog import Catalog, validate_name
-from opie.head.volumes.core import PoolCore
+from opie.head.volumes.core import CommitHook, MetadataCommit, PoolCore
 from opie.head.volumes.devices import BlockDevice
 from opie.head.volumes.errors import IntegrityError, NotFoundError, ValidationError
 from opie.head.volumes.layout import Geometry
@@ -127,6 +128,21 @@ class Pool:
         """Make every write that returned before this call durable, with the
         mapping that points at it (data is flushed before the metadata)."""
         await self._core.commit()
+
+    @property
+    def generation(self) -> tuple[uuid.UUID, int]:
+        """(pool uuid, last committed metadata transaction): names the
+        committed metadata state; equal generations mean equal metadata."""
+        return self._core.generation
+
+    async def set_commit_hook(self, hook: CommitHook | None) -> MetadataCommit:
+        """Mirror the metadata: from the next commit on, every committed
+        journal transaction is awaited through `hook(record)`, in order, after
+        it is durable on the device and before the commit returns (so a
+        commit is as slow as the hook; the hook must bound its wait and
+        should not raise). Returns the whole committed metadata (every page),
+        the base the records apply to, with no commit in between."""
+        return await self._core.set_commit_hook(hook)
 
     # -- volumes ---------------------------------------------------------
     @property
