@@ -29,6 +29,7 @@ import os
 import socket
 import ssl
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -374,3 +375,50 @@ def test_fence_aborts_a_spliced_payload_stalled_midway(tmp_path, serve):  # noqa
     data = Path(image).read_bytes()
     assert b"\xcd" not in data and data[sent:] == bytes(16 * MiB - sent)
     assert fencing.load(tmp_path / "state") == 5
+
+
+def test_a_cancelled_splice_stops_writing_while_the_client_keeps_sending(tmp_path):
+    """The splicer, alone: a client that keeps the socket full never lets the
+    thread wait on its wake-up, yet once the cancelled `run` returns nothing
+    more reaches the file (what a fence relies on)."""
+    from opie.nbd import splice
+    a, b = socket.socketpair()
+    target = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    stop_sending = threading.Event()
+
+    def keep_sending():
+        chunk = b"\xab" * (256 * 1024)
+        try:
+            while not stop_sending.is_set():
+                b.sendall(chunk)
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=keep_sending, daemon=True)
+    sender.start()
+
+    async def scenario() -> int:
+        splicer = splice.PayloadSplicer(a.fileno(), "test")
+        task = asyncio.ensure_future(splicer.run(splicer.receive, target, 0, b"", 1 << 40, False))
+        deadline = time.monotonic() + 10
+        while os.fstat(target).st_size < 4 * MiB:
+            assert time.monotonic() < deadline and not task.done(), "nothing spliced"
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return os.fstat(target).st_size
+
+    try:
+        size = asyncio.run(scenario())
+        grew = []
+        for _ in range(5):          # the sender is still sending: the file must not grow (observed 0.1 s)
+            grew.append(os.fstat(target).st_size)
+            time.sleep(0.02)
+        assert set(grew) == {size}, f"{size} bytes at cancellation, then {grew}"
+    finally:
+        stop_sending.set()
+        a.close()
+        sender.join(10)
+        b.close()
+        os.close(target)
