@@ -97,6 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
     from opie.isu.agent import DEFAULT_STATE_DIR
     from opie.isu.node import serve
     from opie.isu.disks import DiskError
+    from opie.isu.errors import FencingError
     from opie.isu.identity import IdentityError
     from opie.isu.services import ServiceOptions
 
@@ -109,6 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
                      options, insecure=args.insecure)
     except (DiskError, IdentityError) as exc:
         raise UsageError(str(exc)) from None
+    except FencingError as exc:   # a torn epoch record: never served as epoch 0
+        raise OpieError(f"cannot serve: {exc}") from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:

@@ -23,6 +23,12 @@ every call with `WritesLost` (EIO), so the array fails that role (the
 write-intent bitmap keeps their regions dirty) and the watcher's re-add
 resyncs them.
 
+Epoch (HA, issue 10): with an `epoch`, every member connection, the
+watcher's included, is bound to it (nbd.client; the ISU must have been
+fenced at that epoch, head.ha.fencing); an ISU that refuses it answers
+EpochRefused (EPERM) and the member counts as unreachable. None (the
+default) declares no epoch: a single head, as before HA.
+
 Contract: `connect_all` never raises for an unreachable member; it returns
 None in its place so the array can assemble degraded. The watcher runs on the
 head's loop; every `interval` it tries each failed role's export again and,
@@ -231,7 +237,7 @@ class RemoteMember:
 
 
 async def connect(uri: str, tls: ssl.SSLContext | None, *, timeout: float = CONNECT_TIMEOUT,
-                  io_thread: bool = False) -> RemoteMember:
+                  io_thread: bool = False, epoch: int | None = None) -> RemoteMember:
     u = nbd_uri.parse(uri)
     mloop = member_loop(io_thread)
     identity = MemberIdentity(uri)
@@ -239,7 +245,7 @@ async def connect(uri: str, tls: ssl.SSLContext | None, *, timeout: float = CONN
     async def open_client() -> NBDClient:
         c = await NBDClient.connect(u.host, u.port, u.export, tls_context=tls if u.tls else None,
                                     timeout=timeout, reconnect_attempts=2, verify=identity.verify,
-                                    on_lost=identity.writes_lost)
+                                    on_lost=identity.writes_lost, epoch=epoch)
         c.timeout = IO_TIMEOUT
         c.name = uri
         return c
@@ -247,10 +253,10 @@ async def connect(uri: str, tls: ssl.SSLContext | None, *, timeout: float = CONN
 
 
 async def connect_all(uris: list[str], tls: ssl.SSLContext | None,
-                      io_thread: bool = False) -> list[RemoteMember | None]:
+                      io_thread: bool = False, epoch: int | None = None) -> list[RemoteMember | None]:
     async def one(u: str) -> RemoteMember | None:
         try:
-            return await connect(u, tls, io_thread=io_thread)
+            return await connect(u, tls, io_thread=io_thread, epoch=epoch)
         except OSError as exc:
             log.error("member %s unreachable: %s", u, exc)
             return None
@@ -261,8 +267,9 @@ class MemberWatcher:
     """Re-adds failed members whose export answers again."""
 
     def __init__(self, array, uris: list[str], tls: ssl.SSLContext | None, *, interval: float = 1.0,
-                 rate: float | None = None, io_thread: bool = False):
+                 rate: float | None = None, io_thread: bool = False, epoch: int | None = None):
         self.array = array
+        self.epoch = epoch  # the head's epoch, declared on every re-added member's connection
         self.io_thread = io_thread
         self.uris = list(uris)  # own copy: discovery may add to it
         self.tls = tls
@@ -322,7 +329,7 @@ class MemberWatcher:
             if uri in self._attached() or uri in self.refused:
                 continue
             try:
-                client = await connect(uri, self.tls, timeout=2.0, io_thread=self.io_thread)
+                client = await connect(uri, self.tls, timeout=2.0, io_thread=self.io_thread, epoch=self.epoch)
             except OSError:
                 continue
             before = [slot.member for slot in self.array.slots]

@@ -7,6 +7,10 @@ nothing of the cluster services around it (isu.services): it calls the
 hooks of the `AgentServices` it is given, and isu.node composes the two
 and runs them as a process.
 
+Fencing (isu.fencing): the epoch gate loads the accepted epoch before any
+disk is opened or anything served (a torn record refuses the start), and
+the NBD server asks it to admit every connection.
+
 TLS: with a tls_dir, the server requires TLS and a client certificate
 signed by the cluster CA (forced-TLS mode); without one it serves plain NBD,
 which only tests and benchmarks should use: on loopback, or elsewhere only
@@ -19,6 +23,7 @@ import os
 from typing import Any, Protocol
 
 from opie.isu import identity
+from opie.isu.fencing import EpochGate, EpochVerifier
 from opie.isu.disks import Disk, DiskError, DiskSpec
 from opie.nbd import tls
 from opie.nbd.server import NBDServer, TLSMode
@@ -61,9 +66,11 @@ class ISUAgent:
     """One ISU: its identity, its disks and the NBD server exporting them."""
 
     def __init__(self, state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None = None,
-                 workers: int | None = None, insecure: bool = False):
+                 workers: int | None = None, insecure: bool = False,
+                 epoch_verifier: EpochVerifier | None = None):
         """Refuses (before anything is created) plain NBD on a network address
-        unless `insecure` (nbd.tls.vet_plain_listener)."""
+        unless `insecure` (nbd.tls.vet_plain_listener). `epoch_verifier`: asked
+        before each fence (isu.fencing.EpochGate)."""
         self.host, self.port = parse_listen(listen)
         self.tls_dir = tls_dir
         self.insecure = insecure
@@ -72,6 +79,7 @@ class ISUAgent:
         self.state_dir = state_dir
         self.config = identity.load(state_dir)
         self.uuid: str = self.config["uuid"]
+        self.gate = EpochGate(state_dir, epoch_verifier)
         specs = [DiskSpec.parse(s) for s in disk_specs]
         if not specs:
             raise DiskError("an ISU needs at least one --disk")
@@ -90,7 +98,8 @@ class ISUAgent:
         ctx = tls.server_context(tls_dir) if tls_dir else None
         self.server = NBDServer(self.disks, tls_context=ctx,
                                 tls_mode=TLSMode.REQUIRE if ctx else TLSMode.OFF,
-                                workers=workers if workers is not None else default_workers())
+                                workers=workers if workers is not None else default_workers(),
+                                epoch_gate=self.gate)
         self.services: AgentServices | None = None  # address, presence, console, control, udev
 
     def close_disks(self) -> None:
@@ -126,5 +135,6 @@ class ISUAgent:
 
     def status(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "listen": f"{self.host}:{self.port}", "tls": bool(self.tls_dir),
+                "epoch": self.gate.accepted,
                 "disks": [d.status() for d in self.disks.values()], "exports": self.export_urls(),
                 **(self.services.status() if self.services else {})}

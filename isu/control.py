@@ -23,6 +23,13 @@ LINE_MAX bytes), one reply line, then the connection closes::
            the ISU's copy of the cluster config (isu.json keys cluster, role,
            cluster_head, member_exports, config_gen) is durable before the reply,
            and the announcement's TXT shows it at once.
+    {"op": "fence", "epoch": E}                                       (head only)
+        -> {"ok": true, "epoch": E, "closed": N}
+           connections of epochs below E are refused from now on, the N open
+           ones were closed and their requests ended, E is durable on the ISU
+           (isu.fencing); then this reply. Refused with nothing changed when E
+           is below the accepted epoch ("stale head") or the ISU's
+           `epoch_verifier` hook (the coordinator's check) does not confirm E.
     anything else, a join from a client that is not a head, or a join the ISU
     refuses (another cluster's ISU)
         -> {"ok": false, "error": "..."} and nothing changed.
@@ -50,6 +57,7 @@ LINE_MAX = 16 * 1024
 TIMEOUT = 5.0
 HEAD_ROLE = "head"
 HEAD_OPS = frozenset({"join", "fence"})   # ops that change the ISU's cluster config or epoch
+FENCE_TIMEOUT = 8.0   # a fence's answer may wait for the ISU's running requests (isu.fencing.DRAIN_SECS)
 
 
 class ControlServer:
@@ -158,3 +166,14 @@ async def call(address: str, request: dict[str, Any], ssl_context: ssl.SSLContex
     if not reply.get("ok"):
         raise ControlError(f"ISU {address} refused {request.get('op')}: {reply.get('error')}")
     return reply
+
+
+async def fence(address: str, epoch: int, ssl_context: ssl.SSLContext | None, port: int = CONTROL_PORT,
+                timeout: float = FENCE_TIMEOUT) -> int:
+    """Ask the ISU at `address` to fence every epoch below `epoch`; returns once
+    it acknowledged (E durable there) with how many connections it closed.
+    ControlError when it refused (stale head, unverified epoch) or did not answer."""
+    reply = await call(address, {"op": "fence", "epoch": epoch}, ssl_context, port=port, timeout=timeout)
+    if reply.get("epoch") != epoch:
+        raise ControlError(f"ISU {address}: fence acknowledged epoch {reply.get('epoch')!r}, asked {epoch}")
+    return int(reply.get("closed", 0))

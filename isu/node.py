@@ -15,6 +15,7 @@ import signal
 import sys
 
 from opie.isu.agent import ISUAgent
+from opie.isu.fencing import EpochVerifier
 from opie.isu.services import IsuServices, ServiceOptions
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,13 @@ async def run(agent: ISUAgent) -> None:
 
 
 def serve(state_dir: str, disk_specs: list[str], listen: str, tls_dir: str | None,
-          workers: int | None = None, services: ServiceOptions | None = None, insecure: bool = False) -> int:
+          workers: int | None = None, services: ServiceOptions | None = None, insecure: bool = False,
+          epoch_verifier: EpochVerifier | None = None) -> int:
     """Build the agent (and its services when any is wanted) and run it; blocks until stopped.
-    `insecure`: allow plain listeners on network addresses (see nbd.tls.vet_plain_listener)."""
-    agent = ISUAgent(state_dir, disk_specs, listen, tls_dir, workers, insecure=insecure)
+    `insecure`: allow plain listeners on network addresses (see nbd.tls.vet_plain_listener).
+    `epoch_verifier`: asked before each fence (isu.fencing.EpochGate)."""
+    agent = ISUAgent(state_dir, disk_specs, listen, tls_dir, workers, insecure=insecure,
+                     epoch_verifier=epoch_verifier)
     try:
         if services is not None and services.wanted:
             agent.services = IsuServices(agent, services)

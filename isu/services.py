@@ -36,7 +36,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from opie.discovery.presence import IsuPresence
-from opie.isu import identity
+from opie.isu import fencing, identity
 from opie.isu.addressing import (AcquiredLease, ConfigError, LeaseClient, LeaseDenied, LeaseTimeout,
                                  apply_address, parse_head, read_network)
 from opie.isu.console import ConsoleServer, open_console
@@ -266,7 +266,7 @@ class IsuServices:
     def status(self) -> dict[str, Any]:
         cfg = identity.load(self.agent.state_dir)
         control = self.control.listening if self.control is not None else None
-        return {"address": self.address, "control": control, "state": self.state(),
+        return {"address": self.address, "control": control, "state": self.state(), "epoch": self.agent.gate.accepted,
                 "cluster": cfg.get("cluster") or "",
                 "role": cfg.get("role") or "", "config_gen": int(cfg.get("config_gen", 0)),
                 "unassigned_disks": sorted(self.roster.unassigned) if self.roster else [],
@@ -300,6 +300,8 @@ class IsuServices:
                     "disks": [d.status() for d in self.agent.disks.values()], **self.status()}
         if op == "join":
             return await asyncio.get_running_loop().run_in_executor(None, self._join, request)
+        if op == "fence":
+            return await fencing.answer_fence(self.agent.gate, self.agent.server, request)
         return {"ok": False, "error": f"unknown op {op!r:.40}"}
 
     def _join(self, request: dict[str, Any]) -> dict[str, Any]:

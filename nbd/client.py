@@ -26,6 +26,12 @@ Contract:
   on the client's loop before anything is re-sent), FLUSHes in flight fail
   with `WritesLost` (EIO), or the next `flush()` does when none was; the loss
   is reported once, like an fsync error.
+- With an `epoch`, every connection (the first and each reconnect) declares
+  it with Opie's OPT_OPIE_EPOCH option, after STARTTLS and before GO. A
+  server that refuses it (a newer epoch fenced this one, or not fenced at
+  this epoch yet, or no fencing at all) raises `EpochRefused` (EPERM); on a
+  reconnect that fails the waiting requests at once, without retries.
+  Without an epoch nothing is declared (any NBD server works).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from opie.nbd import codec
 from opie.nbd.codec import ExportInfo, ProtocolError
 from opie.nbd.constants import (
     MAX_PAYLOAD,
+    OPT_OPIE_EPOCH,
     ClientFlag,
     Command,
     CommandFlag,
@@ -50,7 +57,7 @@ from opie.nbd.constants import (
     Reply,
     TransmissionFlag,
 )
-from opie.nbd.errors import ExportChanged, WritesLost
+from opie.nbd.errors import EpochRefused, ExportChanged, WritesLost
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +234,9 @@ class NBDClient:
 
     def __init__(self, host: str, port: int, export: str, tls: ssl.SSLContext | None,
                  server_hostname: str | None, timeout: float, reconnect_attempts: int,
-                 verify: Verify | None = None, on_lost: OnLost | None = None):
+                 verify: Verify | None = None, on_lost: OnLost | None = None, epoch: int | None = None):
         self.host, self.port, self.export = host, port, export
+        self.epoch = epoch
         self.name = f"{host}:{port}/{export}"
         self._tls = tls
         self._server_hostname = server_hostname
@@ -286,13 +294,16 @@ class NBDClient:
     async def connect(cls, host: str, port: int, export: str = "", *, tls_dir: str | None = None,
                       tls_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
                       timeout: float = 30.0, reconnect_attempts: int = 3, verify: Verify | None = None,
-                      on_lost: OnLost | None = None) -> "NBDClient":
-        """`verify` and `on_lost`: see the module docstring (reconnects only)."""
+                      on_lost: OnLost | None = None, epoch: int | None = None) -> "NBDClient":
+        """`verify` and `on_lost`: see the module docstring (reconnects only);
+        `epoch`: declared on every connection (EpochRefused when refused)."""
         if tls_dir and tls_context is None:
             from opie.nbd import tls as _tls
             tls_context = _tls.client_context(tls_dir)
+        if epoch is not None:
+            codec.encode_epoch(epoch)  # ValueError now for an epoch out of range
         self = cls(host, port, export, tls_context, server_hostname, timeout, reconnect_attempts,
-                   verify, on_lost)
+                   verify, on_lost, epoch)
         try:
             await asyncio.wait_for(self._connect(), timeout)
         except asyncio.TimeoutError:
@@ -306,6 +317,8 @@ class NBDClient:
     async def _connect(self, reconnect: bool = False) -> None:
         reader, writer, no_zeroes = await _open(self.host, self.port, self._tls, self._server_hostname)
         try:
+            if self.epoch is not None:
+                await self._declare_epoch(reader, writer)
             writer.write(codec.encode_option(Option.GO, codec.encode_info_request(self.export, (Info.BLOCK_SIZE,))))
             await writer.drain()
             info = ExportInfo()
@@ -347,6 +360,16 @@ class NBDClient:
         proto.lost.add_done_callback(lambda f, p=proto: self._on_lost(p))
         log.debug("%s: connected (%d bytes, flags %#x)", self.name, info.size, info.flags)
 
+    async def _declare_epoch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(codec.encode_option(OPT_OPIE_EPOCH, codec.encode_epoch(self.epoch)))
+        await writer.drain()
+        hdr, data = await _read_option_reply(reader)
+        if hdr.option != OPT_OPIE_EPOCH:
+            raise ProtocolError(f"reply to {codec.option_name(hdr.option)}, expected NBD_OPT_OPIE_EPOCH")
+        if hdr.reply != Reply.ACK:
+            why = data.decode("utf-8", "replace") or codec.reply_name(hdr.reply)
+            raise EpochRefused(f"{self.name}: epoch {self.epoch} refused: {why}")
+
     def _on_lost(self, proto: _ReplyProtocol) -> None:
         if proto is not self._proto or self._closed:
             return
@@ -360,7 +383,7 @@ class NBDClient:
             for attempt in range(1, self.reconnect_attempts + 1):
                 try:
                     await asyncio.wait_for(self._connect(reconnect=True), self.timeout)
-                except ExportChanged as exc:
+                except (ExportChanged, EpochRefused) as exc:
                     log.error("%s: refusing the export after a reconnect: %s", self.name, exc)
                     self._fail_pending(exc)
                     return

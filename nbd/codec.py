@@ -19,7 +19,9 @@ from opie.nbd.constants import (
     IHAVEOPT,
     MAX_NAME_LENGTH,
     MAX_OPTION_LENGTH,
+    MAX_EPOCH,
     NBDMAGIC,
+    OPT_OPIE_EPOCH,
     OPTION_REPLY_MAGIC,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
@@ -100,6 +102,28 @@ def decode_option_header(data: bytes) -> OptionHeader:
     if magic != IHAVEOPT:
         raise ProtocolError(f"expected IHAVEOPT option magic, got {magic:#x}")
     return OptionHeader(option, length)
+
+
+# Opie's epoch option (OPT_OPIE_EPOCH) data, 8 bytes:
+#   0  u64 epoch, 1..MAX_EPOCH
+# Sent after STARTTLS and before GO/EXPORT_NAME, at most once per connection;
+# answered NBD_REP_ACK (admitted) or an error reply with a message.
+EPOCH_DATA = struct.Struct(">Q")
+
+
+def encode_epoch(epoch: int) -> bytes:
+    if not 1 <= epoch <= MAX_EPOCH:
+        raise ValueError(f"epoch must be 1..{MAX_EPOCH}, got {epoch}")
+    return EPOCH_DATA.pack(epoch)
+
+
+def decode_epoch(data: bytes) -> int:
+    if len(data) != EPOCH_DATA.size:
+        raise ProtocolError(f"epoch option of {len(data)} bytes, expected {EPOCH_DATA.size}")
+    (epoch,) = EPOCH_DATA.unpack(data)
+    if not 1 <= epoch <= MAX_EPOCH:
+        raise ProtocolError(f"epoch {epoch} out of range 1..{MAX_EPOCH}")
+    return epoch
 
 
 # Option reply header, 20 bytes, then `length` bytes:
@@ -364,6 +388,8 @@ def decode_error_chunk(payload: bytes) -> tuple[int, str]:
 
 # ---------------------------------------------------------------- helpers
 def option_name(option: int) -> str:
+    if option == OPT_OPIE_EPOCH:
+        return "NBD_OPT_OPIE_EPOCH"
     try:
         return f"NBD_OPT_{Option(option).name}"
     except ValueError:

@@ -44,6 +44,15 @@ class Option(enum.IntEnum):
     EXTENDED_HEADERS = 11
 
 
+# Opie's own handshake option: the client declares the epoch its connection is
+# bound to (fencing of old heads, issue 10). doc/proto.md reserves no range for
+# private options and assigns its numbers from 1 upwards; this one is ASCII
+# "OPIE", far above them. A server that does not know it answers
+# NBD_REP_ERR_UNSUP, as the spec asks for any unknown option.
+OPT_OPIE_EPOCH = 0x4F504945
+MAX_EPOCH = (1 << 63) - 1  # epochs are etcd revisions (int64)
+
+
 REP_ERROR_BIT = 1 << 31
 
 

@@ -27,3 +27,13 @@ class WritesLost(OSError):
 class PlainListenerRefused(ValueError):
     """A listener would serve without TLS on a network address and the admin did
     not pass --insecure (nbd.tls.vet_plain_listener); nothing was started."""
+
+
+class EpochRefused(OSError):
+    """The server refused the epoch the client declared (OPT_OPIE_EPOCH): it
+    accepted a newer one (this client's head was fenced), it has not been
+    fenced at this epoch yet, or it does not fence by epoch at all. Final for
+    the client: a reconnect is not retried, the requests waiting fail."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPERM, message)

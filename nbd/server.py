@@ -20,6 +20,15 @@ applies the policy below. Policy, per the spec (doc/proto.md):
   request's reply header and data are written together, never interleaved.
 - Per connection at most `max_inflight` requests run at once; a client that
   stops reading replies only stalls itself.
+- Epochs (with an `epoch_gate`, which the ISU supplies): a client may declare
+  the epoch its connection is bound to with Opie's option OPT_OPIE_EPOCH
+  (after STARTTLS, before GO); the gate admits it (NBD_REP_ACK) or refuses
+  it (NBD_REP_ERR_POLICY with the reason, and GO/EXPORT_NAME are refused on
+  that connection from then on). The gate is asked again, for the declared
+  epoch or 0 (none), when the connection picks its export; it may admit it
+  read-only (READ_ONLY advertised, writes EPERM). `fence(E)` ends every
+  session bound to an epoch below E. Without a gate the option is answered
+  NBD_REP_ERR_UNSUP, so a client relying on fencing learns it has none.
 - On plain (non-TLS) connections to exports with a file descriptor
   (`splice_fd()`), a valid WRITE whose payload is still mostly in the socket
   is received with splice(2) in a per-connection thread (`nbd.splice`) while
@@ -37,6 +46,7 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from opie.nbd import codec, splice
 from opie.nbd.codec import ProtocolError
@@ -44,6 +54,7 @@ from opie.nbd.constants import (
     MAX_OPTION_LENGTH,
     MAX_PAYLOAD,
     MIN_BLOCK,
+    OPT_OPIE_EPOCH,
     PREFERRED_BLOCK,
     ClientFlag,
     Command,
@@ -65,6 +76,7 @@ ZERO_COPY_MIN = 64 * 1024  # READs this large from a file export go out with sen
 MAX_OPTION_DISCARD = 1 << 20  # longer option data than this closes the connection
 HANDSHAKE_TIMEOUT = 30.0
 SESSION_END_TIMEOUT = 2.0  # a closing session waits this long for its requests, then its socket
+FENCE_TIMEOUT = 10.0  # a fenced session's running requests get this long to finish
 KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
 
 
@@ -87,6 +99,21 @@ class _Close(Exception):
     """End this connection now (after logging why)."""
 
 
+@dataclass(frozen=True)
+class Admission:
+    """An epoch gate's answer for a connection of some epoch (0: none declared)."""
+
+    refused: str | None = None  # why the connection may not go on; None: admitted
+    read_only: bool = False     # admitted, but READ_ONLY is advertised and writes get EPERM
+
+
+class EpochGate(Protocol):
+    """Decides which epochs may use the server's exports (the ISU's fencing)."""
+
+    def admit(self, epoch: int) -> Admission:
+        """Called under the server's session lock from any of its threads: must not block."""
+
+
 @dataclass
 class _Session:
     peer: str
@@ -99,6 +126,10 @@ class _Session:
     export: Export | None = None
     tasks: set = field(default_factory=set)
     out: "_TransmissionProtocol | None" = None
+    epoch: int = 0                 # admitted epoch (0: none declared)
+    epoch_refused: str | None = None
+    read_only: bool = False        # the gate admitted this session read-only
+    fenced: bool = False           # its epoch was fenced: every request is refused
 
 
 class NBDServer:
@@ -110,11 +141,12 @@ class NBDServer:
     stop with `await close()`, which also ends open connections. Add an
     export by setting `exports[name]`; take one away with
     `await remove_export(name)`, which also ends the sessions open on it.
+    `epoch_gate`: see the module docstring and `fence`.
     """
 
     def __init__(self, exports: dict[str, Export], *, default_export: str | None = None,
                  tls_context: ssl.SSLContext | None = None, tls_mode: str | None = None,
-                 max_inflight: int = 64, workers: int = 0):
+                 max_inflight: int = 64, workers: int = 0, epoch_gate: EpochGate | None = None):
         self.exports = dict(exports)
         self.default_export = default_export
         self.tls_context = tls_context
@@ -122,6 +154,7 @@ class NBDServer:
         if self.tls_mode != TLSMode.OFF and tls_context is None:
             raise ValueError("TLS mode needs a TLS context")
         self.max_inflight = max_inflight
+        self.epoch_gate = epoch_gate
         if workers and not all(getattr(e, "thread_safe", False) for e in self.exports.values()):
             raise ValueError("worker threads need exports that are thread-safe")
         self.n_workers = workers
@@ -228,10 +261,61 @@ class NBDServer:
     async def _end_sessions(self, export: Export | None) -> None:
         """Cancel and await the sessions on `export` (None: all), on this loop
         and on every worker's."""
+        await self._on_every_loop(lambda: self._end_local_sessions(export), return_exceptions=True)
+
+    async def _on_every_loop(self, job, return_exceptions: bool = False) -> list:
+        """Run the coroutine `job()` on every worker's loop and on this one; their results."""
+        results: list = []
         if self._workers:
-            await asyncio.gather(*(asyncio.wrap_future(w.submit(self._end_local_sessions(export)))
-                                   for w in self._workers), return_exceptions=True)
-        await self._end_local_sessions(export)
+            results = await asyncio.gather(*(asyncio.wrap_future(w.submit(job())) for w in self._workers),
+                                           return_exceptions=return_exceptions)
+        return [*results, await job()]
+
+    async def fence(self, epoch: int, timeout: float = FENCE_TIMEOUT) -> int:
+        """End every session bound to an epoch below `epoch` (sessions that
+        declared none included); return how many. Call it on the server's
+        loop, once the gate refuses such epochs, so none is admitted meanwhile.
+
+        Order: under the session lock every such session is marked, and from
+        then on each request it sends is refused (EPERM), spliced WRITEs
+        included. Then, on each session's loop, its reading stops, a WRITE
+        payload being spliced is aborted (its thread stopped), the requests
+        already running finish (their replies may still go out), and the
+        session closes. When this returns none of them can write any more.
+        TimeoutError when a request did not finish within `timeout` (it may
+        still reach the disk: the caller must not acknowledge the fence)."""
+        with self._lock:
+            for s in self._sessions.values():
+                if s.epoch < epoch:
+                    s.fenced = True
+        ended = await self._on_every_loop(lambda: self._end_local_fenced(timeout))
+        stuck = sum(n for _, n in ended)
+        if stuck:
+            raise TimeoutError(f"{stuck} fenced request(s) still running after {timeout:.0f} s")
+        count = sum(n for n, _ in ended)
+        log.info("fenced epochs below %d: %d session(s) ended", epoch, count)
+        return count
+
+    async def _end_local_fenced(self, timeout: float) -> tuple[int, int]:
+        """End the fenced sessions running on the calling loop: their running
+        requests finish first (at most `timeout`). (ended, still stuck)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            mine = [(t, s) for t, s in self._sessions.items() if t.get_loop() is loop and s.fenced]
+        for t, s in mine:
+            if s.out is not None:
+                s.out._stop("epoch fenced")   # its session task awaits the running requests
+            else:
+                t.cancel()                   # still in the handshake: nothing running
+        tasks = [t for t, _ in mine]
+        if not tasks:
+            return 0, 0
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=SESSION_END_TIMEOUT)
+        return len(mine), len(pending)
 
     async def _end_local_sessions(self, export: Export | None) -> None:
         """Cancel and await the sessions on `export` (None: all) running on the calling loop."""
@@ -337,7 +421,9 @@ class NBDServer:
             export = self.lookup(name)
             if export is None:
                 raise _Close(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")
-            s.export = export  # before any await: remove_export sees the session from here on
+            refused = self._bind(s, export)  # before any await: remove_export sees the session from here on
+            if refused:
+                raise _Close(f"NBD_OPT_EXPORT_NAME refused: {refused}")
             s.writer.write(codec.encode_export_name_reply(export.size, self._tflags(s, export), s.no_zeroes))
             await s.writer.drain()
             return True
@@ -354,6 +440,9 @@ class NBDServer:
             return False
         if option in (Option.INFO, Option.GO):
             return await self._info(s, option, data)
+        if option == OPT_OPIE_EPOCH:
+            await self._declare_epoch(s, data)
+            return False
         if option == Option.STRUCTURED_REPLY:
             if data:
                 await self._reply(s, option, Reply.ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
@@ -395,8 +484,10 @@ class NBDServer:
         if export is None:
             await self._reply(s, option, Reply.ERR_UNKNOWN, f"no export named {req.name!r}".encode())
             return False
-        if option == Option.GO:
-            s.export = export  # before any await: remove_export sees the session from here on
+        refused = self._bind(s, export) if option == Option.GO else self._admission(s).refused
+        if refused:  # GO binds before any await: remove_export sees the session from here on
+            await self._reply(s, option, Reply.ERR_POLICY, refused.encode()[:4096])
+            return False
         await self._reply(s, option, Reply.INFO, codec.encode_info_export(export.size, self._tflags(s, export)))
         for kind in set(req.requests):
             if kind == Info.BLOCK_SIZE:
@@ -411,10 +502,53 @@ class NBDServer:
         await self._reply(s, option, Reply.ACK)
         return option == Option.GO
 
+    async def _declare_epoch(self, s: _Session, data: bytes) -> None:
+        """OPT_OPIE_EPOCH: bind the session to the epoch if the gate admits it."""
+        opt = OPT_OPIE_EPOCH
+        if self.epoch_gate is None:
+            return await self._reply(s, opt, Reply.ERR_UNSUP, b"this server does not fence by epoch")
+        try:
+            epoch = codec.decode_epoch(data)
+        except ProtocolError as exc:
+            return await self._reply(s, opt, Reply.ERR_INVALID, str(exc).encode())
+        if s.epoch or s.epoch_refused:
+            return await self._reply(s, opt, Reply.ERR_INVALID, b"an epoch was already declared on this connection")
+        with self._lock:
+            admission = self.epoch_gate.admit(epoch)
+            if admission.refused is None:
+                s.epoch, s.read_only = epoch, admission.read_only
+        if admission.refused is not None:
+            s.epoch_refused = admission.refused
+            log.warning("%s: epoch %d refused: %s", s.peer, epoch, admission.refused)
+            return await self._reply(s, opt, Reply.ERR_POLICY, admission.refused.encode()[:4096])
+        await self._reply(s, opt, Reply.ACK)
+
+    def _admission(self, s: _Session) -> Admission:
+        """Ask the gate (again: a fence may have come since the epoch was
+        declared) and note whether the session is read-only. Under the
+        session lock, so `fence` either sees the session bound to its epoch
+        or the gate already refuses that epoch."""
+        if s.epoch_refused:
+            return Admission(refused=s.epoch_refused)
+        if self.epoch_gate is None:
+            return Admission()
+        with self._lock:
+            admission = self.epoch_gate.admit(s.epoch)
+            s.read_only = admission.read_only
+        return admission
+
+    def _bind(self, s: _Session, export: Export) -> str | None:
+        """Give the session its export if the gate admits it; else why not.
+        (`fence` picks sessions by epoch, so binding needs no lock of its own.)"""
+        admission = self._admission(s)
+        if admission.refused is None:
+            s.export = export
+        return admission.refused
+
     @staticmethod
     def _tflags(s: _Session, export: Export) -> int:
         f = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_CACHE
-        if export.read_only:
+        if export.read_only or s.read_only:
             f |= TransmissionFlag.READ_ONLY
         else:
             if export.can_trim:
@@ -462,6 +596,8 @@ class NBDServer:
         request, so it compares plain ints rather than enum members."""
         export = s.export
         cmd, flags = req.type, req.flags
+        if s.fenced:
+            return Errno.EPERM, f"this connection's epoch {s.epoch} was fenced"
         if flags & ~_KNOWN_CMD_FLAGS:
             return Errno.EINVAL, f"unsupported command flags {flags:#x}"
         if cmd not in _SERVED_COMMANDS:
@@ -477,7 +613,7 @@ class NBDServer:
                 return Errno.EINVAL, "FLUSH with non-zero offset or length"
             return None
         if cmd in _MODIFYING:
-            if export.read_only:
+            if export.read_only or s.read_only:
                 return Errno.EPERM, "export is read-only"
             if (cmd == _TRIM and not export.can_trim) or (cmd == _WRITE_ZEROES and not export.can_zero):
                 return Errno.EINVAL, f"NBD_CMD_{Command(cmd).name} not supported by this export"

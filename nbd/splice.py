@@ -20,7 +20,12 @@ Contract of `receive(file_fd, offset, head, length, fua)`:
 - end of stream or a socket error inside the payload raises `PayloadEnded`
   (the connection must close; the part already received may be written);
 - `close()` (or cancelling the awaiting task) makes a running receive raise
-  `PayloadEnded` promptly, even when the client has stalled mid-payload.
+  `PayloadEnded` promptly, even when the client has stalled mid-payload or
+  keeps the socket full: after `close()` no more than the piece being moved
+  (at most one pipe's worth) reaches the file, and a receive not yet started
+  writes nothing. A cancelled `run` returns only once the thread has left the
+  job (bounded by ABORT_TIMEOUT), so an ended session (a fence, a removed
+  export) leaves no payload still being written behind it.
 
 Between payloads, `peek(n)` and `take(n)` let the thread look at and consume
 the next request header itself, so a run of WRITEs is received without going
@@ -52,6 +57,7 @@ PIPE_SIZE = 1 << 20  # asked for with F_SETPIPE_SZ; the kernel may grant less
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FROM_SOCKET = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _POLL_SOCKET = select.POLLIN | select.POLLHUP | select.POLLERR
+ABORT_TIMEOUT = 5.0  # a cancelled run waits this long for the thread to leave the job
 
 
 class PayloadEnded(ConnectionError):
@@ -112,6 +118,10 @@ class PayloadSplicer:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:
             self.close()
+            if not job.cancel():  # running: wait until the thread stops writing
+                ended = asyncio.wrap_future(job)
+                ended.add_done_callback(lambda f: f.cancelled() or f.exception())  # its PayloadEnded is expected
+                await asyncio.wait([ended], timeout=ABORT_TIMEOUT)
             raise
 
     def close(self) -> None:
@@ -139,10 +149,14 @@ class PayloadSplicer:
     def receive(self, file_fd: int, offset: int, head: bytes, length: int, fua: bool) -> OSError | None:
         """Blocking; see the module docstring for the contract."""
         error: OSError | None = None
+        if self._closed:
+            raise PayloadEnded("connection closing")
         if head:
             error = _pwrite_all(file_fd, head, offset)
         pos, left = offset + len(head), length - len(head)
         while left:
+            if self._closed:  # a socket kept full never makes _wait look at the wake-up
+                raise PayloadEnded("connection closing")
             n = self._from_socket(left)
             left -= n
             if error is None:

@@ -391,3 +391,44 @@ def test_info_request_decoder_never_reads_past_its_data(data):
     req = _returns_or_protocol_error(codec.decode_info_request, data)
     if req is not None:
         assert 4 + len(req.name.encode()) + 2 + 2 * len(req.requests) == len(data)
+
+
+# ---------------------------------------------------------------- Opie's epoch option
+def test_epoch_option_literal():
+    # C: IHAVEOPT, u32 0x4F504945 ("OPIE"), u32 length 8, u64 epoch
+    from opie.nbd.constants import OPT_OPIE_EPOCH
+    wire = codec.encode_option(OPT_OPIE_EPOCH, codec.encode_epoch(5))
+    assert wire == b"IHAVEOPT" + b"OPIE" + b"\x00\x00\x00\x08" + b"\x00" * 7 + b"\x05"
+    hdr = codec.decode_option_header(wire)
+    assert (hdr.option, hdr.length) == (OPT_OPIE_EPOCH, 8)
+    assert codec.decode_epoch(wire[16:]) == 5
+    assert codec.option_name(OPT_OPIE_EPOCH) == "NBD_OPT_OPIE_EPOCH"
+    assert OPT_OPIE_EPOCH not in {int(o) for o in Option}
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 7, b"\x00" * 9, b"\x00" * 8, b"\x80" + b"\x00" * 7,
+                                  b"\xff" * 8])
+def test_epoch_option_refuses_bad_data(data):
+    with pytest.raises(ProtocolError):
+        codec.decode_epoch(data)
+
+
+@pytest.mark.parametrize("epoch", [0, -1, 1 << 63])
+def test_epoch_encoder_refuses_out_of_range(epoch):
+    with pytest.raises(ValueError):
+        codec.encode_epoch(epoch)
+
+
+@FAST
+@given(st.integers(1, 2**63 - 1))
+def test_epoch_round_trip(epoch):
+    assert codec.decode_epoch(codec.encode_epoch(epoch)) == epoch
+
+
+@FAST
+@given(hostile)
+def test_epoch_decoder_hostile(data):
+    try:
+        assert 1 <= codec.decode_epoch(data) < 2**63
+    except ProtocolError:
+        pass
