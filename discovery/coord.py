@@ -37,7 +37,7 @@ from opie.nbd import tls
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 1.0
+DEFAULT_TIMEOUT = 0.5   # per endpoint: a LAN answers in ms; a paused member never
 # gRPC status codes etcd reports for a member that cannot serve now.
 _UNAVAILABLE_CODES = {4, 14}  # DEADLINE_EXCEEDED, UNAVAILABLE
 _NOT_FOUND = 5

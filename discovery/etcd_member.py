@@ -8,10 +8,13 @@ handshake. etcd presents its server certificate also as a client certificate
 both usages and IP SANs for the member's address.
 
 Timing for a LAN (RTT well under 1 ms): heartbeat 50 ms, election timeout
-500 ms (etcd's advice: election >= 10 heartbeats, heartbeat ~ a few RTTs).
-A lost etcd leader is replaced in about 0.5-1 s, well inside the head's lease
-(2 s), and the smallest lease etcd grants is then 1 s (1.5 election timeouts
-rounded up). A VM-loaded host may need larger values: pass them.
+300 ms (etcd wants election >= 5 heartbeats; a heartbeat of a few RTTs).
+Followers notice a lost leader after 300-600 ms (raft randomises it) and elect
+a new one in one round trip, so a keepalive waiting at a follower completes
+well inside the head's lease (2 s) minus its demotion margin (0.6 s): losing
+the etcd leader does not demote the active head. (With 500 ms it sometimes
+did.) The smallest lease etcd grants is then 1 s (1.5 election timeouts,
+rounded up). A loaded or virtualised host may need larger values: pass them.
 
 The data directory is `STATE/etcd-NAME`, the log `STATE/etcd-NAME.log`.
 `EtcdMember` starts and stops one process by its pid; `EtcdCluster` starts
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 
 ETCD = "etcd"
 HEARTBEAT_MS = 50
-ELECTION_MS = 500
+ELECTION_MS = 300
 CLIENT_PORT, PEER_PORT = 2379, 2380
 
 
@@ -201,6 +204,6 @@ class EtcdCluster:
     def leader(self) -> EtcdMember | None:
         """The member that is raft leader now (by its status), or None."""
         for m in self.members:
-            if m.running() and m.probe.is_leader():
+            if m.running() and m.probe.is_leader(0):
                 return m
         return None
