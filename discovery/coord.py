@@ -240,6 +240,29 @@ class Coord:
         })
         return bool(answer.get("succeeded"))
 
+    def raise_to(self, name: str, value: int, *, attempts: int = 5) -> int:
+        """Store the integer `value` at `name` unless a larger one is there
+        already (compare-and-swap on the mod revision, retried at most
+        `attempts` times under contention); returns the value now stored. The
+        stored value therefore only grows: the cluster's current epoch."""
+        for _ in range(attempts):
+            kv = self.get(name)
+            if kv is None:
+                if self.create(name, str(value)).created:
+                    return value
+                continue
+            held = int(kv.value)
+            if held >= value:
+                return held
+            key = _b64(self.key(name))
+            answer = self._call("/kv/txn", {
+                "compare": [{"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": kv.mod_revision}],
+                "success": [{"request_put": {"key": key, "value": _b64(str(value))}}],
+            })
+            if answer.get("succeeded"):
+                return value
+        raise CoordUnavailable(f"etcd: {name} kept changing; not raised to {value} in {attempts} attempts")
+
     # -- leases ------------------------------------------------------------------
 
     def grant(self, ttl: int) -> Lease:

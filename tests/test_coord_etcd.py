@@ -56,6 +56,14 @@ def test_create_if_absent_and_create_revision_grows(etcd_lab):
     assert second.created and second.kv.create_revision > first.kv.create_revision
 
 
+def test_raise_to_only_grows(etcd_lab):
+    c = etcd_lab.coord()
+    assert c.raise_to("counter", 7) == 7
+    assert c.raise_to("counter", 12) == 12
+    assert c.raise_to("counter", 9) == 12           # never lowered
+    assert c.get("counter").value == b"12"
+
+
 def test_lease_expiry_and_revoke_delete_keys(etcd_lab):
     c = etcd_lab.coord()
     short = c.grant(1)

@@ -106,6 +106,8 @@ def test_resign_hands_over_with_a_larger_epoch(etcd_lab):
             assert [r for _, r, _ in old.demoted] == ["resigned"]
             assert await new.election.wait_role(Role.ACTIVE, WAIT)
             assert new.election.epoch > old_epoch
+            await until(lambda: new.elected)
+            assert int(etcd_lab.coord().get("epoch").value) == new.election.epoch
             assert await old.election.wait_leader(WAIT) == new.election.name
             assert old.election.role is Role.PASSIVE and old.election.epoch == new.election.epoch
     asyncio.run(run())

@@ -22,6 +22,10 @@ a later campaign, its own or the peer's, can win. A head that demoted while
 etcd answered releases the key after `on_demote` returned, and holds back from
 campaigning for `hold` seconds so the peer wins.
 
+The current epoch: the winner also raises `/opie/CLUSTER/epoch` (a plain
+integer, never leased, never lowered) to its epoch, so an ISU that restarts
+while no leader key exists still learns the highest epoch won.
+
 Head registrations: `/opie/CLUSTER/heads/NAME` on the head's lease, a JSON
 object with its name and role (and the daemon's `info`).
 
@@ -45,6 +49,7 @@ from opie.discovery.errors import CoordError, LeaseExpired
 log = logging.getLogger(__name__)
 
 LEADER_KEY = "leader"
+EPOCH_KEY = "epoch"          # the highest epoch ever won (not leased; only grows)
 HEADS_PREFIX = "heads/"
 DEFAULT_TTL = 2
 DEFAULT_MARGIN = 0.6
@@ -348,6 +353,10 @@ class Election:
         await self._set_role(Role.ACTIVE)
         log.warning("%s: active at epoch %d", self.name, self._epoch)
         await self._register()
+        try:
+            await self._call(self.coord.raise_to, EPOCH_KEY, self._epoch)
+        except CoordError as e:  # the leader key holds the epoch too; ISUs read either
+            log.warning("%s: %s not raised to %d: %s", self.name, EPOCH_KEY, self._epoch, e)
         if self._on_elected is not None:
             try:
                 await self._on_elected(self._epoch)
