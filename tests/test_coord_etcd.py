@@ -19,6 +19,8 @@ from opie.nbd import tls
 from tests.etcd_support import CLUSTER, etcd_lab  # noqa: F401  (fixture)
 from tests.proc_support import free_port
 
+pytestmark = pytest.mark.timeout(60)   # a hang shows its stacks instead of eating the run
+
 
 def test_three_members_start_in_a_few_seconds(etcd_lab):
     assert etcd_lab.started_in < 8.0, f"3-member cluster took {etcd_lab.started_in:.1f}s"

@@ -54,6 +54,7 @@ HEADS_PREFIX = "heads/"
 DEFAULT_TTL = 2
 DEFAULT_MARGIN = 0.6
 WATCHDOG_TICK = 0.05
+HOLD_POLL = 0.5              # how often a head holding back looks for a new leader
 
 
 class Role(enum.Enum):
@@ -320,8 +321,6 @@ class Election:
                 if self._role is Role.ACTIVE:
                     await self._check_still_leader()
                     await asyncio.sleep(self.renew_every)
-                elif self._clock() < self._hold_until:
-                    await asyncio.sleep(min(self.retry, self._hold_until - self._clock()))
                 else:
                     await self._campaign_or_watch()
             except CoordError as e:
@@ -334,9 +333,15 @@ class Election:
             await self._demote("leader key lost", release=False, hold=0.0)
 
     async def _campaign_or_watch(self) -> None:
+        """Passive: campaign if there is no leader (unless holding back), else
+        note the leader and wait (bounded) for its key to change."""
         lease = self._lease
         assert lease is not None
         kv = await self._call(self.coord.get, LEADER_KEY)
+        if kv is None and self._clock() < self._hold_until:
+            await self._seen(None)
+            await asyncio.sleep(min(HOLD_POLL, self._hold_until - self._clock()))
+            return
         if kv is None:
             outcome = await self._call(self.coord.create, LEADER_KEY, self._value(), lease=lease.id)
             kv = outcome.kv
