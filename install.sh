@@ -13,6 +13,7 @@ DEBS=(
   iproute2 iputils-arping socat udev    # lab hosts, serial pty pairs, uevents
   samba samba-vfs-modules smbclient nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind acl attr
   zfs-fuse avahi-utils openssl procps psmisc
+  etcd-server etcd-client               # coordination: the heads' election and the cluster config
 )
 
 missing=()
@@ -38,7 +39,7 @@ assert spec and os.path.dirname(os.path.dirname(spec.origin)) == sys.argv[1]
 old = importlib.util.find_spec("nbd")  # a pre-namespace install of this checkout
 assert old is None or not (old.origin or "").startswith(sys.argv[1])
 for m in ("numpy", "cryptography", "yaml", "zeroconf", "pyroute2", "pyudev",
-          "serial", "flask", "dbus_next", "isal", "pytest", "pytest_timeout", "hypothesis", "wheel"):
+          "serial", "flask", "dbus_next", "isal", "etcd3gw", "requests", "pytest", "pytest_timeout", "hypothesis", "wheel"):
     importlib.import_module(m)
 PY
 then

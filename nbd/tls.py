@@ -128,13 +128,16 @@ def default_names() -> list[str]:
 
 
 def issue(ca_dir: str | os.PathLike, out_dir: str | os.PathLike, *, server_names: list[str] | None = None,
-          client_name: str | None = None, role: str = DEFAULT_ROLE, force: bool = False) -> Path:
+          client_name: str | None = None, role: str = DEFAULT_ROLE, force: bool = False,
+          server_as_client: bool = False) -> Path:
     """Issue server and client certificates for `role` (one of ROLES), signed
     by the CA in `ca_dir`, into `out_dir` (which also gets a copy of
     ca-cert.pem, but never the CA key unless out_dir is ca_dir).
     `server_names` become subjectAltNames (DNS names or IP addresses).
     A certificate already there is kept if it has `role`; one of another
-    role raises FileExistsError unless `force` (then both are replaced)."""
+    role raises FileExistsError unless `force` (then both are replaced).
+    `server_as_client`: the server certificate may also authenticate as a
+    client (etcd presents it on its peer links and to its own gRPC gateway)."""
     if role not in ROLES:
         raise ValueError(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
     ca = Path(ca_dir)
@@ -150,6 +153,8 @@ def issue(ca_dir: str | os.PathLike, out_dir: str | os.PathLike, *, server_names
         (SERVER_CERT, SERVER_KEY, ExtendedKeyUsageOID.SERVER_AUTH, names),
         (CLIENT_CERT, CLIENT_KEY, ExtendedKeyUsageOID.CLIENT_AUTH, [cn]),
     ):
+        usages = [usage, ExtendedKeyUsageOID.CLIENT_AUTH] if server_as_client and usage == \
+            ExtendedKeyUsageOID.SERVER_AUTH else [usage]
         if (out / cert_file).exists() and not force:
             held = cert_role(x509.load_pem_x509_certificate((out / cert_file).read_bytes()))
             if held == role:
@@ -175,7 +180,7 @@ def issue(ca_dir: str | os.PathLike, out_dir: str | os.PathLike, *, server_names
                                              content_commitment=False, data_encipherment=False,
                                              key_agreement=False, key_cert_sign=False, crl_sign=False,
                                              encipher_only=False, decipher_only=False), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                 .add_extension(x509.SubjectAlternativeName(alt), critical=False)
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                                critical=False)
