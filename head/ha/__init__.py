@@ -1,8 +1,14 @@
 """High availability of the head: an active and a passive head (DESIGN.md,
-"Two heads"). One module per mechanism, composed by the daemon:
+"Two heads"). One module per mechanism; the daemon composes them:
 
-- election: the leader key on an etcd lease; its create revision is the epoch
-- mirror: the mapping table's journal records, sent to the passive synchronously
-- address: the service address that moves with the active role (/32,
-  gratuitous ARP) and the reset of the old active's client connections
+- election: the leader key on an etcd lease (discovery.coord); its create
+  revision is the epoch; demotion before the lease can expire
+- fencing: `fence_all` asks every member ISU to fence an epoch over the
+  control channel; no write before N-1 acknowledgements
+- mirror (mirror_frames, mirror_copy): the mapping table's committed journal
+  records, sent to the passive synchronously; its durable warm copy
+- address: the /32 service address that moves with the active role, with a
+  gratuitous ARP; connections and tickle: the old active's client TCP
+  connections, listed and reset (tickle ACK) so clients reconnect at once
+- errors: what these raise
 """
