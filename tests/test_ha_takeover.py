@@ -11,7 +11,9 @@ section: one CA signs everything. What must hold:
   of the takeover steps in order, and holds the service address;
 - a member connection at the old epoch is refused by the ISUs;
 - the killed head, restarted, comes up passive and names the new active;
-- `opie ha status --json` answers on both heads.
+- `opie ha status --json` answers on both heads;
+- `opie ha switchover` hands the active role back (clean stop, resign): the
+  other head serves the same bytes at a larger epoch.
 
 Every process is stopped by its pid at teardown, and the service address
 is removed, also when the test fails.
@@ -215,6 +217,18 @@ def test_kill_the_active_the_passive_takes_over_with_every_acknowledged_byte(etc
             assert out.returncode == 0, out.stderr
             st = json.loads(out.stdout)
             assert (st["name"], st["role"], st["leader"]) == (name, role, second)
+
+        # planned switchover back: the active stops cleanly and resigns, the passive takes over
+        out = subprocess.run([sys.executable, "-m", "opie.cli.main", "ha", "switchover", "--json", "--wait", "20",
+                              "--head", heads.ready[second]["api"], "--token-file", heads.ready[second]["token_file"]],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        done = json.loads(out.stdout)
+        assert (done["resigned"], done["active"]) == (second, first) and done["new_epoch"] > new["epoch"]
+        back = until(lambda: served(st := heads.ha(first)) and st, TAKEOVER_WITHIN)
+        assert back["timeline"]["steps"][2]["array"] == "UUU"
+        assert heads.ha(second)["role"] == "passive"
+        assert asyncio.run(read_back(nbd_port[first], client_ctx, chunks)) == [True] * len(chunks)
     finally:
         heads.stop_all()
         for isu in isus:
