@@ -9,6 +9,9 @@ section: one CA signs everything. What must hold:
   flushed) reads back equal through the new active's export after the
   active was SIGKILLed; the new active has a larger epoch and a timeline
   of the takeover steps in order, and holds the service address;
+- an ISU paused during the takeover misses the fence: the array assembles
+  without its member; once it runs again it is fenced at the new epoch in
+  the background and its member re-added (the array whole again);
 - a member connection at the old epoch is refused by the ISUs;
 - the killed head, restarted, comes up passive and names the new active;
 - `opie ha status --json` answers on both heads;
@@ -38,7 +41,7 @@ from opie.head.ha.address import ServiceAddress
 from opie.nbd import tls
 from opie.nbd.client import NBDClient
 from opie.nbd.errors import EpochRefused
-from proc_support import free_port, read_ready, start_isu, stop
+from proc_support import free_port, freeze, read_ready, start_isu, stop
 from tests.etcd_support import etcd_lab  # noqa: F401  (fixture)
 
 MiB = 1 << 20
@@ -179,6 +182,7 @@ def test_kill_the_active_the_passive_takes_over_with_every_acknowledged_byte(etc
                   (8 * MiB - 65536, rng.randbytes(65536))]
         asyncio.run(write_pattern(nbd_port[first], client_ctx, chunks))
 
+        freeze(isus[2].proc.pid)      # isu2 cannot acknowledge the fence: its member stays out
         heads.procs[first].send_signal(signal.SIGKILL)
         heads.procs[first].wait(10)
         killed = time.monotonic()
@@ -187,12 +191,19 @@ def test_kill_the_active_the_passive_takes_over_with_every_acknowledged_byte(etc
         print(f"takeover {time.monotonic() - killed:.2f} s after the kill; timeline {json.dumps(new['timeline'])}")
         assert new["epoch"] > old_epoch
         assert [s["step"] for s in new["timeline"]["steps"]] == STEPS
-        assert new["timeline"]["steps"][0]["acknowledged"] == 3
+        assert new["timeline"]["steps"][0]["acknowledged"] == 2
+        assert new["timeline"]["steps"][2]["array"] == "UU_"          # assembled degraded without it
+        assert list(new["unfenced"]) == [isus[2].ready["control"]]
         assert new["timeline"]["epoch"] == new["epoch"]
         assert new["cluster_failover"]["epoch"] == new["epoch"]       # recorded in etcd
         assert vip.present()
 
         assert asyncio.run(read_back(nbd_port[second], client_ctx, chunks)) == [True] * len(chunks)
+
+        # isu2 back: fenced at the new epoch in the background, then its member re-added
+        os.kill(isus[2].proc.pid, signal.SIGCONT)
+        until(lambda: not heads.ha(second)["unfenced"], 15)
+        until(lambda: heads.api[second].status()["array"]["state"] == "UUU", 20)
 
         # the ISUs refuse a member connection at the old epoch
         async def old_epoch_refused() -> None:
@@ -232,4 +243,6 @@ def test_kill_the_active_the_passive_takes_over_with_every_acknowledged_byte(etc
     finally:
         heads.stop_all()
         for isu in isus:
+            if isu.proc.poll() is None:
+                os.kill(isu.proc.pid, signal.SIGCONT)   # a paused one cannot take SIGTERM
             stop(isu.proc)

@@ -114,9 +114,14 @@ class HAService:
         """The head stops: if active, stop serving cleanly and release the
         address; leave the election (the key released, the lease revoked)."""
         self._stopping = True
+        aborted = self._takeover is not None
+        if aborted:   # a takeover half done is stopped like a demotion
+            self._takeover.cancel()
+            await asyncio.gather(self._takeover, return_exceptions=True)
+            await self.head.stop_writing()
         if self.election.role is Role.ACTIVE:
             async with self._lock:
-                await self._stop_cleanly()
+                await self._stop_cleanly(after_abort=aborted)
         await self.election.stop()
         await self._close_receiver()
         await asyncio.to_thread(self.coord.close)
@@ -192,7 +197,7 @@ class HAService:
             await self._release_address()
             try:
                 await asyncio.wait_for(self.head.stop_serving(after_abort=True), STOP_TIMEOUT)
-            except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - the head must go passive anyway
+            except Exception as exc:  # noqa: BLE001 - a timeout or a close error: the head goes passive anyway
                 log.error("%s: stop after demotion incomplete: %s", self.head.cfg.name, exc or "timeout")
             if not self._stopping:
                 await self._start_receiver()
@@ -290,10 +295,11 @@ class HAService:
             await asyncio.to_thread(connections.reset_connections, conns)
         return len(conns)
 
-    async def _stop_cleanly(self) -> None:
-        """While active and connected: address released, then everything stopped and flushed."""
+    async def _stop_cleanly(self, after_abort: bool = False) -> None:
+        """While active and connected: address released, then everything stopped and flushed
+        (unless the members were dropped already: head.stop_serving)."""
         await self._release_address()
-        await self.head.stop_serving()
+        await self.head.stop_serving(after_abort=after_abort)
         await self._stop_background()
 
     # -- while active ----------------------------------------------------------------------
