@@ -17,7 +17,7 @@ import sys
 
 from opie.cli.errors import OpieError
 
-FAMILIES = ["ca", "isu", "head", "array", "snapshot", "lab", "status", "backup", "share", "user"]
+FAMILIES = ["ca", "isu", "head", "ha", "array", "snapshot", "lab", "status", "backup", "share", "user"]
 
 log = logging.getLogger("opie")
 

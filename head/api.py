@@ -29,10 +29,13 @@ most MAX_BODY bytes (anything else is a 400 and nothing is read).
     POST   /v1/shares             {name, volume, protocol, ...}   add a share (applied live)
     DELETE /v1/shares/NAME                          remove a share (applied live)
     GET    /v1/isus                                 discovered ISUs: class, liveness, TXT
+    GET    /v1/ha                                   HA: role, epoch, lease left, leader, mirror, last timeline
+    POST   /v1/ha/switchover                        planned handover: the active stops cleanly and resigns
     POST   /v1/isus/UUID/adopt    {role}            adopt an ISU as member or spare
 
 While a head waits for its member ISUs (discovery, head/cluster.py) only
-/v1/isus answers; everything else is 503.
+/v1/isus answers; everything else is 503. A passive head (HA) answers
+/v1/ha; everything else is 503 naming the active head.
 
 Errors are `{"error": "..."}` with 400 (bad input), 404 (unknown), 409
 (conflict with the current state) or 500.
@@ -196,6 +199,11 @@ class APIServer:
         p = path[1:]
         if p[:1] == ["isus"]:
             return self._isus(method, p[1:], body)
+        if p[:1] == ["ha"]:
+            return self._ha(method, p[1:])
+        if head.array is None and head.ha is not None:
+            raise _Error(503, f"this head is {head.ha.role} (HA): it serves nothing now; the active head is "
+                              f"{head.ha.election.leader or 'not elected yet'} (see /v1/ha)")
         if head.array is None:
             raise _Error(503, "the head is starting: waiting for its member ISUs (see /v1/isus)")
         if method == "GET" and p == ["status"]:
@@ -270,6 +278,18 @@ class APIServer:
             raise _Error(500, str(exc)) from None
         raise _Error(404, f"no such call: {method} /v1/shares/{'/'.join(p)}")
 
+
+    def _ha(self, method: str, p: list[str]):
+        ha = self.head.ha
+        if method == "GET" and not p:
+            if ha is None:
+                return 200, {"enabled": False, "name": self.head.cfg.name, "role": self.head.role}
+            return 200, self._call(ha.describe())
+        if method == "POST" and p == ["switchover"]:
+            if ha is None:
+                raise _Error(409, "HA is off on this head (head.json: ha)")
+            return 200, self._call(ha.switchover())
+        raise _Error(404, f"no such call: {method} /v1/ha/{'/'.join(p)}")
 
     def _isus(self, method: str, p: list[str], body: dict):
         cluster = self.head.cluster

@@ -24,7 +24,22 @@ Layout (JSON object, written atomically: temp file, fsync, rename):
      "lease_interface": "eth0", "lease_prefixlen": 24, "lease_secs": 3600,
      "lease_token_file": null,      # cluster token (hex) that signs lease messages
      "isus": [{"uuid": U, "role": "member"|"spare", "exports": [NAME]}],   # adopted ISUs
-     "insecure": false}             # allow plain listeners on network addresses (below)
+     "insecure": false,             # allow plain listeners on network addresses (below)
+     "ha": null}                    # active/passive heads (HAConfig below); null: a single head
+
+The `ha` section (off by default: without it the head is the single active
+head it always was):
+    {"etcd": ["https://HOST:2379", ...],   # the cluster's etcd members (TLS with tls_dir's certificate)
+     "cluster": "opie",                    # keys live under /opie/CLUSTER/
+     "lease_ttl": 2,                       # the leader lease, seconds (1..10)
+     "service_address": "A.B.C.D"|null,    # the /32 that moves with the active role ...
+     "service_interface": "eth0"|null,     # ... on this interface (both or neither)
+     "client_ports": [445, 2049],          # client connections on these ports are published and reset
+     "mirror_listen": "HOST:PORT"|null,    # the passive's mapping-table mirror receiver
+     "mirror_peer": "HOST:PORT"|null,      # the other head's receiver, fed while active
+     "control": {"MEMBER URI": "HOST:PORT"}}   # an ISU's control channel, if not HOST:7869 of its URI
+It needs `tls_dir` (a certificate of role head from the cluster CA: etcd,
+the ISUs' control channel and the mirror all check it).
 
 Plain listeners: the API is plain HTTP, and the NBD exports are plain
 without tls_dir. On a network address (not loopback) either is refused
@@ -35,6 +50,7 @@ file on disk is never changed by a failed validation.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -84,6 +100,79 @@ class BackupSpec:
     keep_snapshot: bool = False
 
 
+_HA_KEYS = ("etcd", "cluster", "lease_ttl", "service_address", "service_interface", "client_ports",
+            "mirror_listen", "mirror_peer", "control")
+
+
+def _ha_address(key: str, value: Any) -> None:
+    if value is None:
+        return
+    try:
+        parse_host_port(value)
+    except ValueError as exc:
+        raise ConfigError(f"ha.{key}: {exc}") from None
+
+
+@dataclass
+class HAConfig:
+    """The `ha` section (see the module docstring). Build it with `from_dict`."""
+
+    etcd: list[str]
+    cluster: str
+    lease_ttl: int = 2
+    service_address: str | None = None
+    service_interface: str | None = None
+    client_ports: list[int] = field(default_factory=list)
+    mirror_listen: str | None = None
+    mirror_peer: str | None = None
+    control: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> "HAConfig":
+        """Validated; ConfigError naming the field (`ha.FIELD: ...`) otherwise."""
+        if not isinstance(obj, dict):
+            raise ConfigError(f"ha: expected an object, got {obj!r}")
+        unknown = sorted(set(obj) - set(_HA_KEYS))
+        if unknown:
+            raise ConfigError(f"ha.{unknown[0]}: unknown field (known: {', '.join(_HA_KEYS)})")
+        for key in ("etcd", "cluster"):
+            if key not in obj:
+                raise ConfigError(f"ha.{key}: required")
+        return cls(**obj).validate()
+
+    def validate(self) -> "HAConfig":
+        if not isinstance(self.etcd, list) or not self.etcd:
+            raise ConfigError(f"ha.etcd: expected a list of https://HOST:PORT endpoints, got {self.etcd!r}")
+        for url in self.etcd:
+            if not isinstance(url, str) or not re.fullmatch(r"https://[^\s/]+:\d{1,5}", url):
+                raise ConfigError(f"ha.etcd: expected https://HOST:PORT, got {url!r}")
+        if not isinstance(self.cluster, str) or not NAME.fullmatch(self.cluster):
+            raise ConfigError(f"ha.cluster: {self.cluster!r} must be 1-32 of [A-Za-z0-9_-]")
+        if type(self.lease_ttl) is not int or not 1 <= self.lease_ttl <= 10:
+            raise ConfigError(f"ha.lease_ttl: expected an integer 1..10 (seconds), got {self.lease_ttl!r}")
+        if (self.service_address is None) != (self.service_interface is None):
+            raise ConfigError("ha.service_interface: service_address and service_interface go together")
+        if self.service_address is not None:
+            try:
+                ipaddress.IPv4Address(self.service_address)
+            except ValueError:
+                raise ConfigError(f"ha.service_address: expected an IPv4 address, "
+                                  f"got {self.service_address!r}") from None
+            if not isinstance(self.service_interface, str) or not self.service_interface:
+                raise ConfigError(f"ha.service_interface: expected an interface name, "
+                                  f"got {self.service_interface!r}")
+        if not isinstance(self.client_ports, list) or \
+                any(type(p) is not int or not 1 <= p <= 65535 for p in self.client_ports):
+            raise ConfigError(f"ha.client_ports: expected a list of ports 1..65535, got {self.client_ports!r}")
+        _ha_address("mirror_listen", self.mirror_listen)
+        _ha_address("mirror_peer", self.mirror_peer)
+        if not isinstance(self.control, dict):
+            raise ConfigError(f"ha.control: expected {{member URI: HOST:PORT}}, got {self.control!r}")
+        for member, address in self.control.items():
+            _ha_address(f"control[{member}]", address)
+        return self
+
+
 @dataclass
 class HeadConfig:
     members: list[str]
@@ -113,6 +202,7 @@ class HeadConfig:
     lease_token_file: str | None = None
     isus: list[dict[str, Any]] = field(default_factory=list)
     insecure: bool = False
+    ha: HAConfig | None = None
 
     def plain_network_listeners(self) -> list[tuple[str, str]]:
         """(field, host) of each listener that would serve without TLS on a network
@@ -153,6 +243,16 @@ class HeadConfig:
                 raise ConfigError(f"members: {m} needs TLS but tls_dir is not set")
         if len(set(self.members)) != len(self.members):
             raise ConfigError("members: the same export is listed twice")
+        if self.ha is not None:
+            if not isinstance(self.ha, HAConfig):
+                raise ConfigError(f"ha: expected an object, got {self.ha!r}")
+            self.ha.validate()
+            if not self.tls_dir:
+                raise ConfigError("ha: needs tls_dir (a certificate of role head from the cluster CA "
+                                  "for etcd, the ISUs' control channel and the mirror)")
+            unknown = sorted(set(self.ha.control) - set(self.members))
+            if unknown:
+                raise ConfigError(f"ha.control: {unknown[0]} is not one of the members")
         if self.chunk_size & (self.chunk_size - 1):
             raise ConfigError(f"chunk_size: expected a power of two, got {self.chunk_size}")
         names = set()
@@ -229,6 +329,8 @@ def from_json(obj: Any) -> HeadConfig:
     try:
         body["volumes"] = [VolumeSpec(**v) for v in body.get("volumes", [])]
         body["backups"] = [BackupSpec(**b) for b in body.get("backups", [])]
+        if body.get("ha") is not None:
+            body["ha"] = HAConfig.from_dict(body["ha"])
         cfg = HeadConfig(**body)
     except TypeError as exc:
         raise ConfigError(f"unexpected or missing field: {exc}") from None

@@ -33,6 +33,7 @@ from opie.head.api import APIServer
 from opie.head.cluster import Cluster
 from opie.head.errors import HeadError
 from opie.head.exports import SNAPSHOT_SEP, snapshot_export
+from opie.head.ha.service import HAService
 from opie.head.fileservice import FileService, FileServiceConfig
 from opie.head.mount import Mount, cleanup_stale, release_shared_root
 from opie.head import config as head_config
@@ -86,6 +87,8 @@ class Head:
         self.jobs = Jobs()
         self.api = None
         self.cluster = None  # head.cluster.Cluster when discovery is on
+        self.ha: HAService | None = None  # with the config's `ha` section (head.ha.service)
+        self.epoch: int | None = None  # the epoch member connections are bound to (HA), None: single head
         self.stopping: asyncio.Event | None = None  # set by run(): a start waiting for members gives up
         self._scheduler: asyncio.Task | None = None
         self.files = None  # head.fileservice.FileService when shares are enabled
@@ -107,16 +110,52 @@ class Head:
         return token
 
     async def start(self) -> None:
+        """Single head (no `ha` section): serve at once, as the one active head.
+        With `ha`: the API comes up, then the head joins the election PASSIVE;
+        the HA service (head.ha.service) runs the serving steps below when it
+        wins, and stops them when it is demoted."""
         cfg = self.cfg
         left = await asyncio.get_running_loop().run_in_executor(
             None, cleanup_stale, str(self.state_dir / "run"), cfg.mount_root)
         if left:
             log.warning("cleaned up after an unclean stop: %s", "; ".join(left))
         await self._start_cluster()
-        self.clients = await connect_all(cfg.members, self.client_tls, io_thread=cfg.member_io_thread)
+        if cfg.ha is not None:
+            self._start_api()
+            self.ha = HAService(self, cfg.ha)
+            await self.ha.start()
+            return
+        await self.connect_members()
+        fresh = await self.assemble()
+        await self.open_pool(fresh)
+        await self.start_exports()
+        await self.start_files()
+        self._start_api()
+        if cfg.backups:
+            self._scheduler = asyncio.ensure_future(self._backup_schedule())
+
+    def _start_api(self) -> None:
+        if self.api is None:  # already up when members came from discovery
+            self.api = APIServer(self, *_split(self.cfg.api_listen))
+            self.api.start()
+
+    # ------------------------------------------------------------ serving steps (start order)
+    async def connect_members(self, epoch: int | None = None, skip: frozenset[str] = frozenset()) -> None:
+        """Connect every member (None in place of one unreachable, or listed in
+        `skip`), each connection bound to `epoch` (HA) or to none."""
+        self.epoch = epoch
+        wanted = [u for u in self.cfg.members if u not in skip]
+        found = dict(zip(wanted, await connect_all(wanted, self.client_tls, io_thread=self.cfg.member_io_thread,
+                                                   epoch=epoch)))
+        self.clients = [found.get(u) for u in self.cfg.members]
+
+    async def assemble(self) -> bool:
+        """Assemble the array from the connected members (resyncing only its
+        dirty regions), or create it when the config asks and every member is
+        blank. True when the array is new."""
+        cfg = self.cfg
         present = [c for c in self.clients if c is not None]
         kinds = await asyncio.gather(*(_probe(c) for c in present))
-        fresh = False
         if present and all(k == "blank" for k in kinds):
             if not cfg.create_array:
                 raise HeadError("every member is blank; set create_array to create the array")
@@ -135,7 +174,12 @@ class Head:
                 self.array = await raid5_assemble.assemble(members, name=cfg.name, rate=cfg.rebuild_rate)
             except AssemblyError as exc:
                 raise HeadError(f"cannot assemble the array: {exc}") from None
+            fresh = False
         log.info("array %s: %s", cfg.name, self.array.state_string())
+        return fresh
+
+    async def open_pool(self, fresh: bool) -> None:
+        """Open (or, on a new array, format) the pool; create missing configured volumes."""
         try:
             self.pool = await (Pool.format(self.array) if fresh else Pool.open(self.array))
         except UnsupportedVersion as exc:
@@ -143,10 +187,14 @@ class Head:
         except PoolIntegrityError as exc:
             raise HeadError(f"volume metadata on the array is damaged: {exc}") from None
         existing = {v.name for v in self.pool.list_volumes()}
-        for spec in cfg.volumes:
+        for spec in self.cfg.volumes:
             if spec.name not in existing:
                 await self.pool.create_volume(spec.name, spec.size)
                 log.info("created volume %s (%d bytes)", spec.name, spec.size)
+
+    async def start_exports(self) -> None:
+        """Export every volume and snapshot over NBD; start the member watcher."""
+        cfg = self.cfg
         exports = {v.name: self.pool.open_volume(v.name) for v in self.pool.list_volumes()}
         for s in self.pool.list_snapshots():
             exports[snapshot_export(s.volume, s.name)] = self.pool.open_snapshot(s.volume, s.name)
@@ -158,8 +206,12 @@ class Head:
         # TLS needed on the local path, and nbdfuse cannot load certificates.
         self.nbd_socket = await self.nbd.start_unix(str(self.state_dir / "nbd.sock"))
         self.watcher = MemberWatcher(self.array, cfg.members, self.client_tls, rate=cfg.rebuild_rate,
-                                     io_thread=cfg.member_io_thread)
+                                     io_thread=cfg.member_io_thread, epoch=self.epoch)
         self.watcher.start()
+
+    async def start_files(self) -> None:
+        """Mount each configured volume's ext4; start the share servers if enabled."""
+        cfg = self.cfg
         for spec in cfg.volumes:
             await self.mount(spec.name)
         if cfg.shares.get("enabled"):
@@ -169,19 +221,40 @@ class Head:
                 raise HeadError(f"head config: {exc}") from None
             self.files = FileService(self, fs_cfg)
             await self.files.start()
-        if self.api is None:  # already up when members came from discovery
-            self.api = APIServer(self, *_split(cfg.api_listen))
-            self.api.start()
-        if cfg.backups:
-            self._scheduler = asyncio.ensure_future(self._backup_schedule())
 
     async def stop(self) -> None:
-        """Unmount, stop exports, close the pool and the array cleanly."""
+        """Unmount, stop exports, close the pool and the array cleanly (with HA:
+        then leave the election, releasing the service address)."""
         if self.api:
             self.api.stop()
         await self._stop_cluster()
+        if self.ha is not None:
+            await self.ha.stop()
+        else:
+            await self.stop_serving()
+        log.info("head %s stopped", self.cfg.name)
+
+    # ------------------------------------------------------------ serving steps (stop order)
+    async def stop_writing(self) -> None:
+        """A demoted head's first step: no request reaches an ISU after this
+        returns (the watcher stopped, every member connection dropped at once,
+        pending requests failed). Idempotent."""
+        if self.watcher:
+            await self.watcher.stop()
+            self.watcher = None
+        members = [c for c in self.clients if c is not None]
+        if self.array is not None:
+            members += [s.member for s in self.array.slots if s.member is not None and s.member not in members]
+        await asyncio.gather(*(m.abort() for m in members), return_exceptions=True)
+
+    async def stop_serving(self, *, after_abort: bool = False) -> None:
+        """Stop what the serving steps started, in reverse: jobs, shares,
+        mounts, watcher, exports, pool, array, members. Cleanly (pool and array
+        flushed, superblocks clean) unless `after_abort` (stop_writing ran: what
+        cannot reach the members any more is logged and dropped). Idempotent."""
         if self._scheduler:
             self._scheduler.cancel()
+            self._scheduler = None
         await self.jobs.cancel_all()
         if self.files:
             await self.files.stop()
@@ -195,16 +268,24 @@ class Head:
             await asyncio.get_running_loop().run_in_executor(None, release_shared_root, root)
         if self.watcher:
             await self.watcher.stop()
+            self.watcher = None
         if self.nbd:
             await self.nbd.close()
-        if self.pool:
-            await self.pool.close()
-        if self.array:
-            await self.array.stop()
+            self.nbd = None
+        for what, close in (("pool", self.pool and self.pool.close), ("array", self.array and self.array.stop)):
+            if not close:
+                continue
+            try:
+                await close()
+            except Exception as exc:
+                if not after_abort:
+                    raise
+                log.info("%s not closed cleanly after the members were dropped: %s", what, exc)
+        self.pool = self.array = None
         for c in self.clients:
             if c is not None:
                 await c.close()
-        log.info("head %s stopped", self.cfg.name)
+        self.clients = []
 
     # ------------------------------------------------------------ discovery (head/cluster.py)
     async def _start_cluster(self) -> None:
@@ -400,13 +481,21 @@ class Head:
         for job in self.jobs.jobs.values():
             if job.kind == "scrub" and job.state.value == "running":
                 arr["scrub_job"] = job.id
-        return {"head": {"name": self.cfg.name, "role": self.cfg.role, "pid": os.getpid(),
-                         "uptime": round(time.time() - self.started, 1),
-                         "nbd": self.export_uri("")[:-1]},
-                "array": arr,
-                "pool": {k: getattr(space, k) for k in space.__dataclass_fields__},
-                "volumes": volumes,
-                "jobs": [j.to_json() for j in self.jobs.jobs.values()]}
+        out = {"head": {"name": self.cfg.name, "role": self.role, "pid": os.getpid(),
+                        "uptime": round(time.time() - self.started, 1),
+                        "nbd": self.export_uri("")[:-1]},
+               "array": arr,
+               "pool": {k: getattr(space, k) for k in space.__dataclass_fields__},
+               "volumes": volumes,
+               "jobs": [j.to_json() for j in self.jobs.jobs.values()]}
+        if self.ha is not None:
+            out["ha"] = self.ha.status()
+        return out
+
+    @property
+    def role(self) -> str:
+        """'active' or 'passive': the election's word with HA, else the config's."""
+        return self.ha.role if self.ha is not None else self.cfg.role
 
 
 def _snap_json(info) -> dict:
@@ -431,12 +520,14 @@ async def run(state_dir: str) -> int:
     except BaseException:
         await head.stop()
         raise
-    print(json.dumps({"event": "ready", "name": cfg.name, "pid": os.getpid(), "api": head.api.url,
-                      "token_file": str(head.state_dir / TOKEN_FILE), "nbd": list(head.nbd_addr),
-                      "array": head.array.state_string(),
+    ready = {"event": "ready", "name": cfg.name, "pid": os.getpid(), "api": head.api.url,
+             "token_file": str(head.state_dir / TOKEN_FILE), "role": head.role}
+    if head.ha is None:  # an HA head starts passive: it serves nothing until it wins the election
+        ready.update({"nbd": list(head.nbd_addr), "array": head.array.state_string(),
                       "volumes": [{"name": v.name, "export": head.export_uri(v.name),
-                                   "mountpoint": head.mounts[v.name].mountpoint if v.name in head.mounts else None}
-                                  for v in head.pool.list_volumes()]}), flush=True)
+                                   "mountpoint": head.mounts[v.name].mountpoint if v.name in head.mounts
+                                   else None} for v in head.pool.list_volumes()]})
+    print(json.dumps(ready), flush=True)
     await stop.wait()
     await head.stop()
     return 0

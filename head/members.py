@@ -235,6 +235,12 @@ class RemoteMember:
     async def close(self) -> None:
         await self.mloop.run(self.client.close())
 
+    async def abort(self) -> None:
+        """Drop the connection now: pending requests fail, nothing more is sent (NBDClient.abort)."""
+        async def go() -> None:
+            self.client.abort()
+        await self.mloop.run(go())
+
 
 async def connect(uri: str, tls: ssl.SSLContext | None, *, timeout: float = CONNECT_TIMEOUT,
                   io_thread: bool = False, epoch: int | None = None) -> RemoteMember:

@@ -530,6 +530,20 @@ class NBDClient:
         flags = (CommandFlag.FUA if fua else 0) | (0 if may_trim else CommandFlag.NO_HOLE)
         await self._request(Command.WRITE_ZEROES, flags, offset, length)
 
+    def abort(self) -> None:
+        """Stop at once (a demoted head stops writing): the connection is
+        dropped without DISC, every pending request fails with ESHUTDOWN, and
+        nothing is sent or re-sent from now on. Loop-only; never waits."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reconnecting:
+            self._reconnecting.cancel()
+        t, self._transport = self._transport, None
+        if t is not None:
+            t.abort()
+        self._fail_pending(OSError(errno.ESHUTDOWN, f"{self.name}: aborted"))
+
     async def close(self) -> None:
         """Wait for in-flight requests (bounded by the timeout), send DISC, close."""
         if self._closed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -74,6 +75,20 @@ def freeze(pid: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.01)
     raise TimeoutError(f"process {pid} not stopped after {timeout}s")
+
+
+def read_ready(proc: subprocess.Popen, timeout: float) -> dict | None:
+    """The process's JSON ready line on its stdout pipe ({"event": "ready", ...}),
+    waited for at most `timeout` s; None if it did not come (timeout or EOF)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([proc.stdout], [], [], left)[0]:
+            line = proc.stdout.readline()
+            if not line:
+                return None
+            if line.startswith(b"{") and json.loads(line).get("event") == "ready":
+                return json.loads(line)
+    return None
 
 
 @dataclass

@@ -9,7 +9,6 @@ stopped by its pid, also when a test fails.
 """
 from __future__ import annotations
 
-import json
 import select
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 
 from opie.head import config as head_config
 from opie.head.apiclient import HeadAPI
-from proc_support import start_isu, stop
+from proc_support import read_ready, start_isu, stop
 
 SLOW_CLIENTS = 50
 HANG_UP_WITHIN = 15.0  # the API's request timeout (head/api.py) plus a margin
@@ -36,15 +35,11 @@ def run_head(state_dir: Path, cfg: head_config.HeadConfig) -> subprocess.Popen:
 
 def ready_line(proc: subprocess.Popen, timeout: float) -> dict:
     """The head's JSON ready line, waited for at most `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        if select.select([proc.stdout], [], [], left)[0]:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith(b"{") and json.loads(line).get("event") == "ready":
-                return json.loads(line)
-    raise AssertionError(f"head not ready (exit {proc.poll()}): {proc.stderr.read1(4000) if proc.poll() is not None else ''}")
+    ready = read_ready(proc, timeout)
+    if ready is None:
+        raise AssertionError(f"head not ready (exit {proc.poll()}): "
+                             f"{proc.stderr.read1(4000) if proc.poll() is not None else ''}")
+    return ready
 
 
 @pytest.fixture(scope="module")

@@ -10,5 +10,7 @@
 - address: the /32 service address that moves with the active role, with a
   gratuitous ARP; connections and tickle: the old active's client TCP
   connections, listed and reset (tickle ACK) so clients reconnect at once
+- service: the composition the daemon runs with head.json's `ha`: passive
+  start, the takeover (each step timed into a `timeline`), demotion, switchover
 - errors: what these raise
 """

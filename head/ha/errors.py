@@ -15,3 +15,8 @@ class MirrorError(Exception):
 
 class FrameError(MirrorError):
     """A mirror frame fails a check: bad magic, version, kind, length or crc32."""
+
+
+class TakeoverError(Exception):
+    """A takeover step could not be done (e.g. fewer than N-1 member ISUs
+    acknowledged the fence): the head writes nothing and goes back to passive."""
