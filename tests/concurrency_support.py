@@ -149,7 +149,8 @@ class Layout:
     region_stripes: int = 2
     segment: int = 16384          # two whole stripes: full-stripe runs happen
     segments: int = 32
-    below_boundary: int = 6       # data segments below the checksum-block boundary
+    below_boundary: int = 6       # data segments below the checksum-block boundary (the
+                                  # last of them straddles it)
     max_entries: int = 31
     journal_blocks: int = 8       # the pool checkpoints every few commits
 
@@ -161,9 +162,11 @@ class Layout:
         pool = PoolGeometry.plan(size, self.segment, self.max_entries, self.journal_blocks)
         assert (pool.data_start, pool.segment_count) == (guess.data_start, self.segments)
         stripe = (self.members - 1) * self.chunk
-        # member block CSUMS_PER_BLOCK starts the second checksum block
-        boundary = CSUMS_PER_BLOCK * self.chunk // 4096 * stripe
-        base = boundary - pool.data_start - self.below_boundary * self.segment
+        # member block CSUMS_PER_BLOCK starts the second checksum block; one
+        # segment holds the stripes on both sides of it, so a full-segment
+        # write updates both checksum blocks in one go
+        boundary = CSUMS_PER_BLOCK * 4096 // self.chunk * stripe
+        base = boundary - pool.data_start - self.below_boundary * self.segment + stripe
         assert base >= 0 and base % stripe == 0, base
         return -(-(base + size) // stripe) + 1, base, size
 
@@ -330,6 +333,7 @@ class View:
         self.busy = [0] * len(blocks)    # writes in flight on a block
         self.log: list[tuple[int, int, int]] = []    # (write id, lo, hi) started, in order
         self.active: dict[int, tuple[int, int]] = {}
+        self.started: dict[int, int] = {}   # write id in flight -> its place in `log`
         self.handle = handle
         self.snapshot = snapshot
         self.state = "live"              # live, deleting, deleted
@@ -351,6 +355,7 @@ class View:
         return span
 
     def write_started(self, wid: int, lo: int, hi: int) -> None:
+        self.started[wid] = len(self.log)
         self.log.append((wid, lo, hi))
         self.active[wid] = (lo, hi)
         for b in self._bump(lo, hi):
@@ -360,14 +365,18 @@ class View:
     def write_ended(self, wid: int, outcome: str) -> None:
         """outcome: 'acked', 'fua' (durable), 'nospace' (nothing written), 'failed'."""
         lo, hi = self.active.pop(wid)
+        # what started after this write on its blocks (only a shrink's zeroing:
+        # writes in flight never overlap) may still land over it
+        later = self.log[self.started.pop(wid) + 1:]
         for b in self._bump(lo, hi):
             self.busy[b] -= 1
+            after = {w for w, a, z in later if a <= b < z}
             if outcome in ("acked", "fua"):
-                self.vis[b] = {wid}
+                self.vis[b] = {wid} | after
             elif outcome == "failed":
                 self.vis[b].add(wid)
             if outcome == "fua":
-                self.dur[b] = {wid}
+                self.dur[b] = {wid} | after
 
     def watch(self, lo: int, hi: int) -> ReadWatch:
         vis = []
@@ -416,7 +425,7 @@ class View:
         self.dur = [{w} for w in blocks]
         self.ver = [0] * len(blocks)
         self.busy = [0] * len(blocks)
-        self.log, self.active = [], {}
+        self.log, self.active, self.started = [], {}, {}
         self.handle = handle
         self.state = "live"
         self.resizing = False
