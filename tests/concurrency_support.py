@@ -35,6 +35,7 @@ from opie.head.volumes.devices import check_range
 from opie.head.volumes.layout import Geometry as PoolGeometry
 from opie.raid5.assemble import assemble, create
 from opie.raid5.engine import Array
+from opie.raid5.errors import AssemblyError
 from opie.raid5.geometry import CSUMS_PER_BLOCK, Geometry
 from opie.raid5.member import MemoryMember
 from opie.raid5.scrub import ScrubReport, scrub_stripe
@@ -240,11 +241,21 @@ class Stack:
         self.arr = self.pool = None
 
     async def restart(self) -> None:
-        """Assemble the array from the members (a lost one stays missing) and
-        open the pool, quietly."""
+        """Assemble the array from the members (a lost one stays missing, a
+        stale one is left out to be re-added) and open the pool, quietly."""
         token = QUIET.set(True)
+        members = list(self.members)
         try:
-            self.arr = await assemble(self.members)
+            while True:
+                try:
+                    self.arr = await assemble(members)
+                    break
+                except AssemblyError as exc:
+                    # as the message asks: leave a stale member out, re-add it later
+                    stale = [m for m in members if str(exc).startswith(f"[Errno 22] {m.name}: stale")]
+                    if not stale:
+                        raise
+                    members.remove(stale[0])
             self.pool = await Pool.open(self.window())
         finally:
             QUIET.reset(token)
