@@ -33,6 +33,8 @@ async def run_to_end(update: Awaitable[T]) -> T:
             if task.done():
                 raise                   # the update itself was cancelled
             interrupted = True
+        except GeneratorExit:
+            raise                       # the coroutine is being closed (its loop is gone)
         except BaseException as exc:
             if not interrupted:
                 raise

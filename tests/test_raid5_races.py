@@ -143,3 +143,41 @@ def test_run_to_end_finishes_the_update_then_raises_the_cancellation():
         with pytest.raises(OSError):
             await run_to_end(broken())
     run(go())
+
+
+def test_a_checksum_block_evicted_while_its_write_back_is_in_flight_is_not_reloaded_stale(monkeypatch):
+    """Found by the concurrent property test: write_back marks a block clean
+    before its write lands; a load of another block may evict it in that gap,
+    and a reload read the old block from disk, so the new checksums were lost
+    (scrub then named a good block bad)."""
+    from opie.raid5 import checksums
+    from opie.raid5.geometry import CSUMS_PER_BLOCK
+    monkeypatch.setattr(checksums, "MAX_CACHED", 1)
+
+    async def go():
+        disk = bytearray(4 * BLOCK)
+        hold = asyncio.Event()
+        writing = asyncio.Event()
+
+        async def read(offset, length):
+            await asyncio.sleep(0)
+            return bytes(disk[offset:offset + length])
+
+        async def write(offset, data, fua):
+            writing.set()
+            await hold.wait()
+            disk[offset:offset + len(data)] = data
+
+        table = checksums.ChecksumTable("disk0", 0, read, write)
+        await table.update(5, [1234])
+        back = asyncio.ensure_future(table.write_back())
+        await asyncio.wait_for(writing.wait(), 5)          # the new block is on its way, not on disk
+        assert await table.get(CSUMS_PER_BLOCK, 1) == [0]  # another block: evicts the first
+        reread = asyncio.ensure_future(table.get(5, 1))
+        await asyncio.sleep(0.01)
+        hold.set()
+        await asyncio.wait_for(back, 5)
+        assert await asyncio.wait_for(reread, 5) == [1234]
+        assert checksums.ChecksumBlock.from_bytes(bytes(disk[:BLOCK]), 0).entries[5] == 1234
+
+    asyncio.run(go())
