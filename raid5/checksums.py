@@ -101,9 +101,25 @@ class ChecksumTable:
         self._locks: dict[int, "asyncio.Lock"] = {}
         self.bad_blocks = 0
 
+    def _lock(self, index: int) -> asyncio.Lock:
+        lock = self._locks.get(index)
+        if lock is None:
+            lock = self._locks[index] = asyncio.Lock()
+        return lock
+
     async def _load(self, index: int) -> np.ndarray:
+        """The cached entries of block `index`, read from the member if not cached.
+
+        The read holds the block's lock, which a write back of that block
+        holds until its write has landed: a block evicted while its write back
+        is in flight is read again only once the member has the new contents."""
         entries = self._blocks.get(index)
-        if entries is None:
+        if entries is not None:
+            return entries
+        async with self._lock(index):
+            entries = self._blocks.get(index)
+            if entries is not None:
+                return entries
             raw = await self._read(self.csum_offset + index * BLOCK, BLOCK)
             entries = self._blocks.get(index)
             if entries is not None:
@@ -118,7 +134,7 @@ class ChecksumTable:
                 self._dirty.add(index)
             self._blocks[index] = entries
             self._evict(keep=index)
-        return entries
+            return entries
 
     def _evict(self, keep: int | None = None) -> None:
         """Keep at most MAX_CACHED blocks: drop the oldest clean ones, never
@@ -162,8 +178,7 @@ class ChecksumTable:
         """Write the dirty checksum blocks (or those of `indexes` that are dirty)."""
         todo = sorted(self._dirty if indexes is None else self._dirty & indexes)
         for index in todo:
-            lock = self._locks.setdefault(index, asyncio.Lock())
-            async with lock:
+            async with self._lock(index):
                 if index not in self._dirty:
                     continue
                 self._dirty.discard(index)
