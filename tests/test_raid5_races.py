@@ -4,12 +4,14 @@ member flushes (`PacedMember`) or cancels a write at a chosen point, then cuts
 the power, loses a member and reads back what was durable before."""
 
 import asyncio
+import errno
 import os
 
 import pytest
 
+from opie.raid5 import checksums
 from opie.raid5.assemble import assemble, create
-from opie.raid5.geometry import BLOCK
+from opie.raid5.geometry import BLOCK, CSUMS_PER_BLOCK
 from opie.raid5.member import MemoryMember
 from opie.raid5.shield import run_to_end
 from opie.raid5.testing import PacedMember
@@ -178,6 +180,56 @@ def test_a_checksum_block_evicted_while_its_write_back_is_in_flight_is_not_reloa
         hold.set()
         await asyncio.wait_for(back, 5)
         assert await asyncio.wait_for(reread, 5) == [1234]
+        assert checksums.ChecksumBlock.from_bytes(bytes(disk[:BLOCK]), 0).entries[5] == 1234
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "failed"])
+def test_a_checksum_block_evicted_while_its_write_back_is_in_flight_survives_a_failed_write_back(
+        monkeypatch, ending):
+    """Found by the concurrent property test (a FUA write cancelled while a
+    flush wrote its checksum block back): the block is clean while its write
+    back is in flight, so a load of another block evicted it; when the write
+    back then ended without landing, the block was marked dirty again but its
+    entries were gone, and a reload read the old block from disk (scrub named
+    the new data bad)."""
+    monkeypatch.setattr(checksums, "MAX_CACHED", 1)
+
+    async def go():
+        disk = bytearray(4 * BLOCK)
+        hold = asyncio.Event()
+        writing = asyncio.Event()
+        broken = [True]
+
+        async def read(offset, length):
+            await asyncio.sleep(0)
+            return bytes(disk[offset:offset + length])
+
+        async def write(offset, data, fua):
+            writing.set()
+            await hold.wait()
+            if broken[0]:
+                raise OSError(errno.EIO, "disk0: I/O error")
+            disk[offset:offset + len(data)] = data
+
+        table = checksums.ChecksumTable("disk0", 0, read, write)
+        await table.update(5, [1234])
+        back = asyncio.ensure_future(table.write_back())
+        await asyncio.wait_for(writing.wait(), 5)          # on its way, not on disk
+        assert await table.get(CSUMS_PER_BLOCK, 1) == [0]  # another block: evicts the first
+        if ending == "cancelled":
+            back.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await back
+        else:
+            hold.set()
+            with pytest.raises(OSError):
+                await back
+        assert await table.get(5, 1) == [1234]
+        broken[0] = False
+        hold.set()
+        await table.write_back()
         assert checksums.ChecksumBlock.from_bytes(bytes(disk[:BLOCK]), 0).entries[5] == 1234
 
     asyncio.run(go())
