@@ -175,17 +175,23 @@ class ChecksumTable:
         return changed
 
     async def write_back(self, indexes: set[int] | None = None, fua: bool = False) -> None:
-        """Write the dirty checksum blocks (or those of `indexes` that are dirty)."""
+        """Write the dirty checksum blocks (or those of `indexes` that are dirty).
+
+        A block is clean while its write is in flight (it may be evicted); if
+        the write fails or is cancelled, the block is cached and dirty again."""
         todo = sorted(self._dirty if indexes is None else self._dirty & indexes)
         for index in todo:
             async with self._lock(index):
                 if index not in self._dirty:
                     continue
                 self._dirty.discard(index)
-                record = ChecksumBlock(index, tuple(int(x) for x in self._blocks[index]))
+                entries = self._blocks[index]
+                record = ChecksumBlock(index, tuple(int(x) for x in entries))
                 try:
                     await self._write(self.csum_offset + index * BLOCK, record.to_bytes(), fua)
                 except BaseException:
+                    # loads wait for the lock we hold: evicted at most, never reloaded
+                    self._blocks.setdefault(index, entries)
                     self._dirty.add(index)
                     raise
         self._evict()
