@@ -515,17 +515,22 @@ class Array:
             await self._write_bitmap(fua=True)
 
     async def _write_bitmap(self, fua: bool) -> None:
+        """Write the bitmap of `_dirty` now. `_durable` keeps only bits set on
+        disk whatever becomes of this write: a bit it clears stops counting at
+        once (a write starting meanwhile must set it again), and only a FUA
+        write makes the bits it sets count."""
         snapshot = set(self._dirty)
         retired = self._retired
         record = BitmapRecord.from_regions(self.events, retired, self.region_stripes,
                                            self.nregions, snapshot).to_bytes()
         live = self.live_roles()
+        self._durable &= snapshot
         await self.settle(live, await asyncio.gather(
             *(self.slots[r].write(BITMAP_OFFSET, record, fua) for r in live),
             return_exceptions=True))
         if self.failed:
             raise self.failed
-        self._durable = snapshot
+        self._durable = snapshot if fua else self._durable & snapshot
         if fua and retired > self.retired_durable:
             self.retired_durable = retired
             self.logged = {s: q for s, q in self.logged.items() if q > retired}
