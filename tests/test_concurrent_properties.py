@@ -180,8 +180,12 @@ class ConcurrentStack(RuleBasedStateMachine):
             return                       # overlapping writes in flight have no defined order
         self.start("write", view, self.do_write(view, lo, lo + n, fua))
 
-    async def do_read(self, view: View, lo: int, hi: int) -> None:
-        watch: ReadWatch = view.watch(lo, hi)
+    def do_read(self, view: View, lo: int, hi: int):
+        """The read of blocks [lo, hi), watched from now: its range was chosen
+        from the view as it is now (its task may first run after a shrink ended)."""
+        return self.read_watched(view, view.watch(lo, hi), lo, hi)
+
+    async def read_watched(self, view: View, watch: ReadWatch, lo: int, hi: int) -> None:
         try:
             got = await view.handle.read(lo * BLOCK, (hi - lo) * BLOCK)
         except BaseException as exc:
