@@ -263,3 +263,45 @@ def test_a_write_during_the_bitmap_write_that_clears_its_region_sets_the_bit_aga
             on_disk = BitmapRecord.from_bytes(bytes(m.data[BITMAP_OFFSET:BITMAP_OFFSET + BLOCK]))
             assert 0 in on_disk.dirty_regions(), m.name
     run(go())
+
+
+@pytest.mark.parametrize("flush_ends", ["cancelled", "landed"])
+def test_a_fua_write_back_of_a_block_a_plain_write_back_is_writing_makes_it_durable(flush_ends):
+    """A FUA write's checksums go to a block that a flush's write back (not
+    FUA) took and is still writing: the FUA write back found nothing dirty and
+    returned at once, so the write was acknowledged with its checksums in no
+    member's stable storage (the flush, cancelled or not yet at its member
+    flushes, had not made them so)."""
+    async def go():
+        disk = bytearray(4 * BLOCK)
+        stable = bytearray(4 * BLOCK)
+        hold = asyncio.Event()
+        writing = asyncio.Event()
+
+        async def read(offset, length):
+            return bytes(disk[offset:offset + length])
+
+        async def write(offset, data, fua):
+            if not fua:
+                writing.set()
+                await hold.wait()
+            disk[offset:offset + len(data)] = data
+            if fua:
+                stable[offset:offset + len(data)] = data
+
+        table = checksums.ChecksumTable("disk0", 0, read, write)
+        changed = await table.update(5, [1234])
+        flush = asyncio.ensure_future(table.write_back())
+        await asyncio.wait_for(writing.wait(), 5)
+        fua = asyncio.ensure_future(table.write_back(changed, fua=True))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        if flush_ends == "cancelled":
+            flush.cancel()
+        else:
+            hold.set()
+        await asyncio.gather(flush, return_exceptions=True)
+        await asyncio.wait_for(fua, 5)
+        assert checksums.ChecksumBlock.from_bytes(bytes(stable[:BLOCK]), 0).entries[5] == 1234
+
+    run(go())
