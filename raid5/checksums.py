@@ -98,6 +98,7 @@ class ChecksumTable:
         self._write = write      # async (offset, data, fua) -> None
         self._blocks: dict[int, np.ndarray] = {}
         self._dirty: set[int] = set()
+        self._writing: dict[int, bool] = {}    # block -> fua, while its write back is in flight
         self._locks: dict[int, "asyncio.Lock"] = {}
         self.bad_blocks = 0
 
@@ -120,21 +121,25 @@ class ChecksumTable:
             entries = self._blocks.get(index)
             if entries is not None:
                 return entries
-            raw = await self._read(self.csum_offset + index * BLOCK, BLOCK)
-            entries = self._blocks.get(index)
-            if entries is not None:
-                return entries
-            try:
-                entries = np.array(ChecksumBlock.from_bytes(raw, index).entries, dtype=np.uint32)
-            except IntegrityError as exc:
-                log.warning("%s: checksum block %d unreadable, treating as unknown: %s",
-                            self.name, index, exc)
-                self.bad_blocks += 1
-                entries = np.zeros(CSUMS_PER_BLOCK, dtype=np.uint32)
-                self._dirty.add(index)
-            self._blocks[index] = entries
-            self._evict(keep=index)
+            return await self._fetch(index)
+
+    async def _fetch(self, index: int) -> np.ndarray:
+        """Read block `index` from the member into the cache; the caller holds its lock."""
+        raw = await self._read(self.csum_offset + index * BLOCK, BLOCK)
+        entries = self._blocks.get(index)
+        if entries is not None:
             return entries
+        try:
+            entries = np.array(ChecksumBlock.from_bytes(raw, index).entries, dtype=np.uint32)
+        except IntegrityError as exc:
+            log.warning("%s: checksum block %d unreadable, treating as unknown: %s",
+                        self.name, index, exc)
+            self.bad_blocks += 1
+            entries = np.zeros(CSUMS_PER_BLOCK, dtype=np.uint32)
+            self._dirty.add(index)
+        self._blocks[index] = entries
+        self._evict(keep=index)
+        return entries
 
     def _evict(self, keep: int | None = None) -> None:
         """Keep at most MAX_CACHED blocks: drop the oldest clean ones, never
@@ -177,16 +182,27 @@ class ChecksumTable:
     async def write_back(self, indexes: set[int] | None = None, fua: bool = False) -> None:
         """Write the dirty checksum blocks (or those of `indexes` that are dirty).
 
-        A block is clean while its write is in flight (it may be evicted); if
-        the write fails or is cancelled, the block is cached and dirty again."""
-        todo = sorted(self._dirty if indexes is None else self._dirty & indexes)
+        On return every change made before the call has landed, FUA when asked:
+        a block another write back is writing is waited for (and written again
+        with FUA if that write was not). A block is clean while its write is in
+        flight (it may be evicted); if the write fails or is cancelled, the
+        block is cached and dirty again."""
+        inflight = dict(self._writing)
+        pending = self._dirty | inflight.keys()
+        todo = sorted(pending if indexes is None else pending & indexes)
         for index in todo:
             async with self._lock(index):
-                if index not in self._dirty:
+                if index in self._dirty:
+                    entries = self._blocks[index]
+                elif fua and inflight.get(index) is False:
+                    entries = self._blocks.get(index)
+                    if entries is None:
+                        entries = await self._fetch(index)
+                else:
                     continue
                 self._dirty.discard(index)
-                entries = self._blocks[index]
                 record = ChecksumBlock(index, tuple(int(x) for x in entries))
+                self._writing[index] = fua
                 try:
                     await self._write(self.csum_offset + index * BLOCK, record.to_bytes(), fua)
                 except BaseException:
@@ -194,4 +210,6 @@ class ChecksumTable:
                     self._blocks.setdefault(index, entries)
                     self._dirty.add(index)
                     raise
+                finally:
+                    del self._writing[index]
         self._evict()
