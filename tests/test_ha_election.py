@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from opie.discovery.errors import CoordError
 from opie.head.ha.election import Election, Role
 from tests.etcd_support import etcd_lab  # noqa: F401  (fixture)
 
@@ -180,4 +181,42 @@ def test_deadline_follows_the_injected_clock(etcd_lab):
             assert [r for _, r, _ in c.demoted] == ["lease not renewed in time"]
         finally:
             await c.election.stop()
+    asyncio.run(run())
+
+
+def test_stop_ends_a_loop_whose_cancellation_was_swallowed(etcd_lab):
+    """On Python 3.11 asyncio.wait_for can swallow a cancellation that arrives
+    just as its inner call completes (the election's calls all go through it).
+    Seen in CI: a passive head's campaign loop outlived stop(), stop() never
+    returned, and the loop went on campaigning. Here the passive's first
+    cancelled call swallows its cancellation the same way; stop() must still
+    end every task within its bound and leave no leader key of its own."""
+    async def run():
+        async with two_heads(etcd_lab) as (active, passive):
+            election = passive.election
+            real_call = election._call
+            swallowed: list[str] = []
+
+            parked = asyncio.Event()
+
+            async def call(fn, *args, **kwargs):
+                try:
+                    if getattr(fn, "__name__", "") == "watch" and not swallowed:
+                        parked.set()                     # the campaign loop waits here ...
+                        await asyncio.Event().wait()     # ... until stop() cancels it
+                    return await real_call(fn, *args, **kwargs)
+                except asyncio.CancelledError:
+                    if swallowed:
+                        raise
+                    swallowed.append(getattr(fn, "__name__", str(fn)))
+                    asyncio.current_task().uncancel()          # what the wait_for race leaves
+                    raise CoordError("call ended as the task was cancelled") from None
+
+            election._call = call
+            await asyncio.wait_for(parked.wait(), WAIT)
+            await asyncio.wait_for(election.stop(), 20)
+            assert swallowed, "no cancellation reached a call: the test proved nothing"
+            assert election.role is Role.STOPPED
+            assert active.election.role is Role.ACTIVE
+            assert json.loads(etcd_lab.coord().get("leader").value)["name"] == active.election.name
     asyncio.run(run())
