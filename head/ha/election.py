@@ -54,6 +54,7 @@ HEADS_PREFIX = "heads/"
 DEFAULT_TTL = 2
 DEFAULT_MARGIN = 0.6
 WATCHDOG_TICK = 0.05
+STOP_BOUND = 10.0   # seconds stop() waits for the election's tasks to end
 HOLD_POLL = 0.5              # how often a head holding back looks for a new leader
 
 
@@ -99,6 +100,7 @@ class Election:
         self._hold_until = 0.0
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
+        self._stopped = False                     # set by stop(): every loop ends at its next turn
         self.demotions: list[tuple[float, str]] = []  # (clock, reason), for status and tests
 
     # -- what the daemon and the status show ----------------------------------------
@@ -166,6 +168,7 @@ class Election:
         """Join the election as passive; campaigning starts at once."""
         if self._tasks:
             return
+        self._stopped = False
         await self._set_role(Role.PASSIVE)
         self._tasks = [asyncio.create_task(self._keepalive_loop(), name=f"election-{self.name}-keepalive"),
                        asyncio.create_task(self._watchdog(), name=f"election-{self.name}-watchdog"),
@@ -174,11 +177,22 @@ class Election:
     async def stop(self) -> None:
         """Leave the election: demote if active (on_demote runs), release the
         key, revoke the lease (best effort, bounded), stop every task."""
+        self._stopped = True
         await self._demote("stopping", release=True, hold=0.0)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A loop must not outlive stop(): on Python 3.11 asyncio.wait_for can swallow
+        # a cancellation that arrives as its inner call completes, so the loops also
+        # check _stopped, and the cancel is repeated (bounded) until every task ended.
+        pending = set(self._tasks)
+        deadline = asyncio.get_running_loop().time() + STOP_BOUND
+        while pending and asyncio.get_running_loop().time() < deadline:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+        if pending:
+            log.error("%s: %d election task(s) did not stop within %ss", self.name, len(pending), STOP_BOUND)
         self._tasks = []
+        if self._role is Role.ACTIVE:  # elected while stopping: step down again
+            await self._demote("stopping", release=True, hold=0.0)
         lease, self._lease = self._lease, None
         for lease_id in ([lease.id] if lease else []) + self._stale_leases:
             try:
@@ -244,7 +258,7 @@ class Election:
     async def _keepalive_loop(self) -> None:
         """Renew every `renew_every`; after a failure, again at once (after
         `retry`): an etcd leader change must not eat the margin."""
-        while True:
+        while not self._stopped:
             await self._revoke_stale()
             lease = self._lease
             pause = self.renew_every
@@ -278,7 +292,7 @@ class Election:
 
     async def _watchdog(self) -> None:
         """Demote at `expiry - margin` (the clock may be a test's)."""
-        while True:
+        while not self._stopped:
             if self._role is Role.ACTIVE and self._expires_at is not None:
                 left = self._expires_at - self.margin - self._clock()
                 if left <= 0:
@@ -314,7 +328,7 @@ class Election:
         await self._register()
 
     async def _campaign_loop(self) -> None:
-        while True:
+        while not self._stopped:
             try:
                 if self._lease is None:
                     await self._new_lease()
@@ -353,6 +367,12 @@ class Election:
                          timeout=self.watch_timeout, extra=self.watch_timeout)
 
     async def _elected(self, kv: KeyValue) -> None:
+        if self._stopped:  # won while stopping: release the key at once, never act on it
+            try:
+                await self._call(self.coord.delete_if, LEADER_KEY, kv.create_revision)
+            except CoordError as e:
+                log.warning("%s: leader key won while stopping not released (%s)", self.name, e)
+            return
         self._epoch = kv.create_revision
         await self._seen(kv)
         await self._set_role(Role.ACTIVE)
