@@ -294,6 +294,7 @@ class ReadWatch:
     since: int
     resizes: int
     gone: bool
+    resizing: bool               # a resize was in flight when the read started
 
     def allowed(self, b: int) -> set[int]:
         out = set(self.vis[b - self.lo])
@@ -303,11 +304,13 @@ class ReadWatch:
         return out
 
     def may_fail(self, exc: OSError) -> bool:
-        """ENODEV while the view was being deleted; EINVAL across a resize."""
+        """ENODEV while the view was being deleted; EINVAL across a resize (one
+        in flight when the read started, or started since: the volume checks
+        the range again once it holds the segment locks, after the shrink)."""
         if exc.errno == errno.ENODEV:
             return self.gone or self.view.state != "live"
         if exc.errno == errno.EINVAL:
-            return self.resizes != self.view.resizes or self.view.resizing
+            return self.resizing or self.resizes != self.view.resizes or self.view.resizing
         return False
 
     def check(self, data: bytes) -> None:
@@ -398,7 +401,7 @@ class View:
         return ReadWatch(self, lo, hi, vis,
                          [self.ver[b] if b < len(self.ver) else -1 for b in range(lo, hi)],
                          [b < len(self.busy) and self.busy[b] == 0 for b in range(lo, hi)],
-                         len(self.log), self.resizes, self.state != "live")
+                         len(self.log), self.resizes, self.state != "live", self.resizing)
 
     def freeze(self) -> "Freeze":
         """What a flush or snapshot starting now covers."""

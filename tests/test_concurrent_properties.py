@@ -180,8 +180,11 @@ class ConcurrentStack(RuleBasedStateMachine):
             return                       # overlapping writes in flight have no defined order
         self.start("write", view, self.do_write(view, lo, lo + n, fua))
 
-    async def do_read(self, view: View, lo: int, hi: int) -> None:
-        watch: ReadWatch = view.watch(lo, hi)
+    async def do_read(self, watch: ReadWatch) -> None:
+        """`watch` is taken when the read is issued, as a request arrives, not
+        when its task first runs: a resize may end in between, and a read
+        issued before a shrink ended may still be refused (EINVAL)."""
+        view, lo, hi = watch.view, watch.lo, watch.hi
         try:
             got = await view.handle.read(lo * BLOCK, (hi - lo) * BLOCK)
         except BaseException as exc:
@@ -202,7 +205,7 @@ class ConcurrentStack(RuleBasedStateMachine):
         view = data.draw(st.sampled_from(views), label="view")
         lo = data.draw(st.integers(0, view.blocks - 1), label="block")
         n = data.draw(st.integers(1, view.blocks - lo), label="blocks")
-        self.start("read", view, self.do_read(view, lo, lo + n))
+        self.start("read", view, self.do_read(view.watch(lo, lo + n)))
 
     async def do_flush(self, view: View) -> None:
         frozen = view.freeze()
@@ -461,7 +464,7 @@ class ConcurrentStack(RuleBasedStateMachine):
         assert not self.failures, self.failures
         views = [v for v in self.readable() if v.state != "deleted" and v.blocks]
         with quiet():
-            tasks = [self.loop.create_task(self.do_read(v, 0, v.blocks)) for v in views]
+            tasks = [self.loop.create_task(self.do_read(v.watch(0, v.blocks))) for v in views]
             tasks += [self.loop.create_task(self.ghost_read(v)) for v in self.ghosts]
         self.run(turns_until_done(tasks, CHECK_TURNS, "reading every view"))
         assert not self.failures, self.failures
