@@ -240,7 +240,11 @@ async def _log(arr: StripeArray, plan: WritePlan, pp: np.ndarray | None,
 async def write_extents(arr: StripeArray, stripe: int, writes: list[tuple[int, int, np.ndarray]],
                         fua: bool) -> None:
     """Write chunk extents to their members at once, then record their checksums
-    (durably with FUA). Raises MemberLost after marking failed members faulty."""
+    (durably with FUA). Every surviving member's checksums are recorded, even
+    when another member is lost while recording its own (its checksum block
+    may have to be read first): the caller plans the update again without the
+    lost member and reads the others back verified. Raises MemberLost after
+    marking failed members faulty."""
     base = arr.geom.chunk_offset(stripe)
     results = await asyncio.gather(
         *(arr.write_member(role, base + at, buf.data, fua) for role, at, buf in writes),
@@ -251,9 +255,13 @@ async def write_extents(arr: StripeArray, stripe: int, writes: list[tuple[int, i
             c = arr.geom.chunk_size
             for covered in range(stripe + at // c, stripe + (at + len(buf) - 1) // c + 1):
                 arr.note_written(covered, role)
-            changed = await arr.csums[role].update(block_no(arr, stripe, at), block_tags(buf.data))
-            if fua:
-                await arr.csums[role].write_back(changed, fua=True)
+            try:
+                changed = await arr.csums[role].update(block_no(arr, stripe, at),
+                                                       block_tags(buf.data))
+                if fua:
+                    await arr.csums[role].write_back(changed, fua=True)
+            except MemberLost:
+                lost.append(role)       # marked faulty by mread/mwrite; go on with the others
     if lost:
         raise MemberLost(lost[0])
 

@@ -22,6 +22,7 @@ from opie.head.volumes.records import META_BLOCK
 SEG = 8192
 KIB = 1024
 DEVICE = 1 << 20
+WAIT = 10.0   # bound on every wait: a hang is a failure
 
 
 def pattern(seed: int, n: int) -> bytes:
@@ -152,3 +153,51 @@ def test_crash_at_every_metadata_write_point_leaves_old_or_new_state() -> None:
     # the enumeration really covered data, journal, checkpoint and superblock writes
     assert {"write data", "fua journal", "flush", "write metadata page",
             "fua superblock"} <= seen, seen
+
+
+class HeldFlushDevice(CrashDevice):
+    """A crash device whose flushes, once `hold` is set, wait for `go`."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.hold = False
+        self.holding = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def flush(self) -> None:
+        if self.hold:
+            self.holding.set()
+            await self.go.wait()
+        await super().flush()
+
+
+def test_fua_write_into_a_version_a_snapshot_delete_merged_survives_a_crash_before_its_commit() -> None:
+    """Found by the concurrent property test: deleting a@s1 merges the blocks
+    the partial version lacks into it and marks it whole in memory, then
+    commits. A FUA write landing in place in that version before the commit
+    is durable returned at once; a crash then left the version partial (as
+    last committed) and the acknowledged block read the snapshot's old bytes."""
+    async def go() -> None:
+        dev = HeldFlushDevice(DEVICE)
+        pool = await Pool.format(dev, segment_size=SEG, max_entries=31)
+        await pool.create_volume("a", SEG)
+        vol = pool.open_volume("a")
+        await vol.write(0, b"o" * SEG, fua=True)
+        await pool.create_snapshot("a", "s1")
+        await vol.write(SEG - 512, b"c" * 512, fua=True)      # a partial version: one block
+        dev.hold = True
+        delete = asyncio.ensure_future(pool.delete_snapshot("a", "s1"))
+        await asyncio.wait_for(dev.holding.wait(), WAIT)     # merged; its commit waits
+        dev.hold = False
+        write = asyncio.ensure_future(vol.write(512, b"n" * 512, fua=True))
+        for _ in range(100):
+            await asyncio.sleep(0)
+        acked = write.done()
+        image = dev.crash_image(random.Random(0), keep=0.0, tear=False)   # the power fails
+        after = await Pool.open(CrashDevice(DEVICE, image))
+        got = await after.open_volume("a").read(512, 512)
+        assert not acked or got == b"n" * 512, "an acknowledged FUA write was lost"
+        dev.go.set()
+        await asyncio.wait_for(asyncio.gather(delete, write), WAIT)
+
+    asyncio.run(go())

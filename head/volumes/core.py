@@ -55,7 +55,9 @@ class PoolCore:
         self.catalog = catalog
         self.table = table
         self.alloc = alloc
-        self.unsettled: set[int] = set()   # new segments whose mapping is not yet durable
+        # segments whose mapping is not yet durable (new, filled or merged): a FUA
+        # write into one commits before it returns
+        self.unsettled: set[int] = set()
         self._commit_lock = asyncio.Lock()
         self._on_commit: CommitHook | None = None
 

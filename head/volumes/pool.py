@@ -305,6 +305,8 @@ class Pool:
                     self._catalog.remove(snap.slot)
                     self._alloc.defer(table.apply_drop(vs.id, snap.epoch, freed,
                                                        [phys for phys, _ in merges]))
+                    # whole in memory only: a FUA write into one must commit first
+                    self._core.unsettled.update(phys for phys, _ in merges)
             await self.commit()
         log.info("snapshot %s@%s deleted", volume, name)
 
