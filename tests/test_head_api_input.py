@@ -152,3 +152,17 @@ def test_a_head_with_an_empty_token_file_refuses_to_start(tmp_path: Path) -> Non
         assert "token" in err and "empty" in err and "Traceback" not in err, err
     finally:
         stop(proc)
+
+
+def test_the_api_listen_backlog_holds_a_burst_of_connections(head: tuple[HeadAPI, int]) -> None:
+    """With http.server's default backlog of 5, a burst of connections the
+    accepting thread has not taken yet fills the queue and the kernel drops the
+    next SYN: that client waits for its SYN retransmission, 1 s. CI saw exactly
+    that: GET /v1/status took 1.03 s behind the 50 slow clients."""
+    api, _ = head
+    port = api.url.rsplit(":", 1)[1]
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    backlog = int(line.split()[2])          # Send-Q of a listening socket is its backlog
+    assert backlog >= 128, f"API listen backlog {backlog}"
