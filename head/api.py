@@ -74,6 +74,10 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     connection beyond that is closed at once (the accept loop never waits)."""
 
     daemon_threads = True
+    # listen backlog: http.server's default of 5 lets a burst of connections the
+    # accept loop has not taken yet fill the queue, and the kernel drops the next
+    # SYN (its client then waits ~1 s for the retransmission)
+    request_queue_size = MAX_CONNECTIONS
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
