@@ -114,8 +114,10 @@ def forger_main(args: argparse.Namespace) -> None:
     out_of_pool = LeaseMessage(Kind.REQUEST, 2, uuidlib.uuid4(), "02:00:00:00:00:02",
                                ipaddress.IPv4Address("10.213.77.200"), 24)
     duplicate = LeaseMessage(Kind.HELLO, 3, dup, "02:00:00:00:00:03")
+    signed = encode(hello, token)
     datagrams = [encode(hello, b"not the cluster token"),       # forged
-                 encode(hello, token)[:-1] + b"\x00",           # tag damaged
+                 signed[:-1] + bytes([signed[-1] ^ 0xFF]),      # tag damaged (zeroing its last
+                                                                # byte left 1 in 256 tags valid)
                  b"OPLS\x01garbage",                            # malformed
                  encode(out_of_pool, token), encode(duplicate, token)]
     with broadcast_socket("eth0", 7868) as sock:

@@ -124,9 +124,12 @@ class Election:
         if self._leader is None:
             return None
         try:
-            return str(json.loads(self._leader.value)["name"])
+            name = str(json.loads(self._leader.value)["name"])
         except (ValueError, KeyError, TypeError):
             return None
+        # not active, yet the key names this head: a key of ours about to expire or be
+        # released (read just before it went), not a leader anyone may follow
+        return None if name == self.name else name
 
     @property
     def lease_expires_at(self) -> float | None:
