@@ -76,8 +76,8 @@ def lab(tmp_path: Path, volume: Path) -> Iterator[SmbLab]:
     try:
         for role in ("alice", "bob"):
             name, password = f"ot{role[0]}{suffix}", secrets.token_urlsafe(12)
+            lab.names[role], lab.passwords[role] = name, password  # before add: a half-done add is undone too
             users.add(name, password)
-            lab.names[role], lab.passwords[role] = name, password
         yield lab
     finally:
         service.stop()
