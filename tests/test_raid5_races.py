@@ -46,6 +46,43 @@ def chunk_at(arr, stripe: int, index: int) -> int:
     return stripe * arr.geom.stripe_data_size + index * arr.geom.chunk_size
 
 
+class HeldDisk:
+    """The member area a ChecksumTable reads and writes, in memory. A write
+    (every write, or with `hold_fua=False` only a plain one) sets `writing` and
+    waits for `hold`; it then fails with EIO while `broken`. `stable` keeps
+    what FUA writes made durable."""
+
+    def __init__(self, hold_fua: bool = True) -> None:
+        self.data = bytearray(4 * BLOCK)
+        self.stable = bytearray(4 * BLOCK)
+        self.hold = asyncio.Event()
+        self.writing = asyncio.Event()
+        self.broken = False
+        self.hold_fua = hold_fua
+
+    async def read(self, offset: int, length: int) -> bytes:
+        await asyncio.sleep(0)
+        return bytes(self.data[offset:offset + length])
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+        if self.hold_fua or not fua:
+            self.writing.set()
+            await self.hold.wait()
+            if self.broken:
+                raise OSError(errno.EIO, "disk0: I/O error")
+        self.data[offset:offset + len(data)] = data
+        if fua:
+            self.stable[offset:offset + len(data)] = data
+
+    def table(self) -> checksums.ChecksumTable:
+        return checksums.ChecksumTable("disk0", 0, self.read, self.write)
+
+
+def entry(area: bytearray, block: int) -> int:
+    """The stored tag of member block `block` (< CSUMS_PER_BLOCK) in `area`."""
+    return checksums.ChecksumBlock.from_bytes(bytes(area[:BLOCK]), 0).entries[block]
+
+
 def test_flush_keeps_the_bit_of_a_write_that_completed_after_it_sent_its_flushes():
     """2.1: flush F1 sends its member flushes; write W (region 0) completes;
     flush F2 starts; F1 returns. W is not durable (F2 has not reached the
@@ -97,7 +134,7 @@ def test_a_cancelled_stripe_update_is_finished_before_its_log_record_retires():
     async def go():
         mems, paced, arr, ref = await paced_array()
         g = arr.geom
-        d, o, p = g.data_role(0, 0), g.data_role(0, 1), g.parity_role(0)
+        d, p = g.data_role(0, 0), g.parity_role(0)
         base = g.chunk_offset(0)
         paced[p].hold_write = lambda offset, length: base <= offset < base + CHUNK
         new = os.urandom(BLOCK)
@@ -158,30 +195,18 @@ def test_a_checksum_block_evicted_while_its_write_back_is_in_flight_is_not_reloa
     monkeypatch.setattr(checksums, "MAX_CACHED", 1)
 
     async def go():
-        disk = bytearray(4 * BLOCK)
-        hold = asyncio.Event()
-        writing = asyncio.Event()
-
-        async def read(offset, length):
-            await asyncio.sleep(0)
-            return bytes(disk[offset:offset + length])
-
-        async def write(offset, data, fua):
-            writing.set()
-            await hold.wait()
-            disk[offset:offset + len(data)] = data
-
-        table = checksums.ChecksumTable("disk0", 0, read, write)
+        disk = HeldDisk()
+        table = disk.table()
         await table.update(5, [1234])
         back = asyncio.ensure_future(table.write_back())
-        await asyncio.wait_for(writing.wait(), 5)          # the new block is on its way, not on disk
+        await asyncio.wait_for(disk.writing.wait(), 5)     # the new block is on its way, not on disk
         assert await table.get(CSUMS_PER_BLOCK, 1) == [0]  # another block: evicts the first
         reread = asyncio.ensure_future(table.get(5, 1))
         await asyncio.sleep(0.01)
-        hold.set()
+        disk.hold.set()
         await asyncio.wait_for(back, 5)
         assert await asyncio.wait_for(reread, 5) == [1234]
-        assert checksums.ChecksumBlock.from_bytes(bytes(disk[:BLOCK]), 0).entries[5] == 1234
+        assert entry(disk.data, 5) == 1234
 
     asyncio.run(go())
 
@@ -198,40 +223,26 @@ def test_a_checksum_block_evicted_while_its_write_back_is_in_flight_survives_a_f
     monkeypatch.setattr(checksums, "MAX_CACHED", 1)
 
     async def go():
-        disk = bytearray(4 * BLOCK)
-        hold = asyncio.Event()
-        writing = asyncio.Event()
-        broken = [True]
-
-        async def read(offset, length):
-            await asyncio.sleep(0)
-            return bytes(disk[offset:offset + length])
-
-        async def write(offset, data, fua):
-            writing.set()
-            await hold.wait()
-            if broken[0]:
-                raise OSError(errno.EIO, "disk0: I/O error")
-            disk[offset:offset + len(data)] = data
-
-        table = checksums.ChecksumTable("disk0", 0, read, write)
+        disk = HeldDisk()
+        disk.broken = True
+        table = disk.table()
         await table.update(5, [1234])
         back = asyncio.ensure_future(table.write_back())
-        await asyncio.wait_for(writing.wait(), 5)          # on its way, not on disk
+        await asyncio.wait_for(disk.writing.wait(), 5)     # on its way, not on disk
         assert await table.get(CSUMS_PER_BLOCK, 1) == [0]  # another block: evicts the first
         if ending == "cancelled":
             back.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await back
         else:
-            hold.set()
+            disk.hold.set()
             with pytest.raises(OSError):
                 await back
         assert await table.get(5, 1) == [1234]
-        broken[0] = False
-        hold.set()
+        disk.broken = False
+        disk.hold.set()
         await table.write_back()
-        assert checksums.ChecksumBlock.from_bytes(bytes(disk[:BLOCK]), 0).entries[5] == 1234
+        assert entry(disk.data, 5) == 1234
 
     asyncio.run(go())
 
@@ -273,36 +284,21 @@ def test_a_fua_write_back_of_a_block_a_plain_write_back_is_writing_makes_it_dura
     member's stable storage (the flush, cancelled or not yet at its member
     flushes, had not made them so)."""
     async def go():
-        disk = bytearray(4 * BLOCK)
-        stable = bytearray(4 * BLOCK)
-        hold = asyncio.Event()
-        writing = asyncio.Event()
-
-        async def read(offset, length):
-            return bytes(disk[offset:offset + length])
-
-        async def write(offset, data, fua):
-            if not fua:
-                writing.set()
-                await hold.wait()
-            disk[offset:offset + len(data)] = data
-            if fua:
-                stable[offset:offset + len(data)] = data
-
-        table = checksums.ChecksumTable("disk0", 0, read, write)
+        disk = HeldDisk(hold_fua=False)
+        table = disk.table()
         changed = await table.update(5, [1234])
         flush = asyncio.ensure_future(table.write_back())
-        await asyncio.wait_for(writing.wait(), 5)
+        await asyncio.wait_for(disk.writing.wait(), 5)
         fua = asyncio.ensure_future(table.write_back(changed, fua=True))
         for _ in range(10):
             await asyncio.sleep(0)
         if flush_ends == "cancelled":
             flush.cancel()
         else:
-            hold.set()
+            disk.hold.set()
         await asyncio.gather(flush, return_exceptions=True)
         await asyncio.wait_for(fua, 5)
-        assert checksums.ChecksumBlock.from_bytes(bytes(stable[:BLOCK]), 0).entries[5] == 1234
+        assert entry(disk.stable, 5) == 1234
 
 
 def test_a_member_lost_between_its_write_and_its_checksum_update_leaves_the_others_checksums_right():
